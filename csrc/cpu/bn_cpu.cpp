@@ -1,0 +1,519 @@
+// CPU backend: splits the tensor into fixed units (planar runs or channels-last row
+// blocks), runs the ISA kernels over them with at::parallel_for, and merges partial results
+// per channel in unit order. Unit boundaries depend only on the shape, so results are
+// bitwise identical whatever the thread count or the path taken.
+//
+// Planar paths: when there are enough channels, each thread owns whole channels and runs
+// stats + normalise (or reduce + dx) on a channel while it is still in its cache (2 passes
+// over memory instead of 3; 3 instead of 5 backward). Otherwise units are spread over all
+// threads and merged afterwards.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <numeric>
+#include <vector>
+
+#include "../op_impl.h"
+#include "kernels.h"
+
+namespace fastbn {
+namespace cpu {
+
+namespace {
+
+constexpr int64_t kRunMax = 2048;        // values per planar run (second stats pass from L1)
+constexpr int64_t kBlockValues = 16384;  // values per channels-last row block (from L2)
+constexpr int64_t kMinBlockRows = 32;    // rows per channels-last block, at least (wide rows)
+constexpr int64_t kMaxLaneTerms = 1024;  // values one vector lane accumulates per block, at most
+constexpr int64_t kTaskValues = 32768;   // values per parallel task, at least
+
+template <class T> struct Storage { using type = T; };
+template <> struct Storage<at::Half> { using type = f16; };
+template <> struct Storage<at::BFloat16> { using type = bf16; };
+
+template <class T> const T* cptr(const at::Tensor& t) { return t.defined() ? reinterpret_cast<const T*>(t.data_ptr()) : nullptr; }
+template <class T> T* mptr(const at::Tensor& t) { return t.defined() ? reinterpret_cast<T*>(t.data_ptr()) : nullptr; }
+
+bool channel_per_thread(int64_t C) {
+  const int64_t nt = at::get_num_threads();
+  return C >= nt && (C % nt == 0 || C >= 4 * nt);
+}
+
+// Planar units of one channel, in a fixed order: groups of whole (n, c) planes when a plane
+// is small (nseg planes, n-major), else pieces of one plane.
+struct PlanarUnits {
+  int64_t N, C, S, planes, pieces, run_len, per_channel;
+  explicit PlanarUnits(const Geometry& g) : N(g.N), C(g.C), S(g.S) {
+    if (S <= kRunMax) {
+      planes = std::max<int64_t>(1, kRunMax / std::max<int64_t>(S, 1));
+      pieces = 1;
+      run_len = S;
+      per_channel = (N + planes - 1) / planes;
+    } else {
+      planes = 1;
+      pieces = (S + kRunMax - 1) / kRunMax;
+      run_len = (S + pieces - 1) / pieces;
+      per_channel = N * pieces;
+    }
+  }
+  // Offset of unit u of channel c and its run.
+  Run unit(int64_t c, int64_t u, int64_t& off) const {
+    if (pieces == 1) {
+      const int64_t n0 = u * planes;
+      off = (n0 * C + c) * S;
+      return Run{std::min(planes, N - n0), S, C * S};
+    }
+    const int64_t n = u / pieces, s0 = (u % pieces) * run_len;
+    off = (n * C + c) * S + s0;
+    return Run{1, std::min(run_len, S - s0), 0};
+  }
+  int64_t unit_values() const { return planes * run_len; }
+  int64_t grain_units() const { return std::max<int64_t>(1, kTaskValues / std::max<int64_t>(unit_values(), 1)); }
+};
+
+// Channels-last row blocks: `rows` rows (a multiple of the pattern period) per block.
+struct RowBlocks {
+  int64_t M, C, L, rows, count;
+  RowBlocks(const Geometry& g, int lanes) : M(g.rows()), C(g.C) {
+    L = std::lcm<int64_t>(C, lanes);
+    const int64_t P = L / C;
+    // Rows per block: about kBlockValues values, but each vector lane sums at most
+    // kMaxLaneTerms values of the block (P rows per period) to bound rounding error.
+    const int64_t target = std::max<int64_t>(kMinBlockRows, std::min<int64_t>(kBlockValues / C, kMaxLaneTerms * P));
+    rows = ((target + P - 1) / P) * P;
+    count = (M + rows - 1) / rows;
+  }
+  int64_t rows_of(int64_t b) const { return std::min(rows, M - b * rows); }
+  int64_t offset(int64_t b) const { return b * rows * C; }
+  int64_t grain_blocks() const { return std::max<int64_t>(1, kTaskValues / std::max<int64_t>(rows * C, 1)); }
+  // Replicates a [C] vector to pattern length L.
+  template <class Acc> std::vector<Acc> pattern(const std::vector<Acc>& v) const {
+    std::vector<Acc> p(L);
+    for (int64_t i = 0; i < L; ++i) p[i] = v[i % C];
+    return p;
+  }
+};
+
+template <class Acc> void finalize_stats(const WelfordState<Acc>& st, double eps, Acc* mean, Acc* var, Acc* invstd, int64_t c) {
+  mean[c] = st.mean;
+  var[c] = biased_var(st);
+  if (invstd) invstd[c] = invstd_from_var(var[c], static_cast<Acc>(eps));
+}
+
+// Partial results of units/blocks are folded across units in double (few values per channel).
+using Fold = double;
+template <class Acc> WelfordState<Fold> widen(const WelfordState<Acc>& s) {
+  return WelfordState<Fold>{s.n, static_cast<Fold>(s.mean), static_cast<Fold>(s.m2)};
+}
+template <class Acc> WelfordState<Acc> narrow(const WelfordState<Fold>& s) {
+  return WelfordState<Acc>{s.n, static_cast<Acc>(s.mean), static_cast<Acc>(s.m2)};
+}
+
+// Per-channel views of an Operands' statistics and affine parameters.
+template <class Acc> struct ChannelView {
+  ChannelStats<Acc> st;
+  Affine<Acc> af;
+  explicit ChannelView(const Operands& o) {
+    st.mean = cptr<Acc>(o.mean);
+    st.scale_src = cptr<Acc>(o.scale_src);
+    st.src_is_var = o.src_is_var;
+    st.eps = static_cast<Acc>(o.eps);
+    af.weight = cptr<Acc>(o.weight);
+    af.bias = cptr<Acc>(o.bias);
+  }
+  FwdCoef<Acc> fwd(int64_t c) const { return forward_coef(st, af, c); }
+};
+
+// ---------------------------------------------------------------- planar
+
+template <class T> struct PlanarDriver {
+  using Acc = acc_t<T>;
+  const Kernels<T>& K = kernels<T>();
+  PlanarUnits U;
+  explicit PlanarDriver(const Geometry& g) : U(g) {}
+
+  WelfordState<Acc> unit_stats(const T* x, int64_t c, int64_t u) const {
+    int64_t off;
+    const Run run = U.unit(c, u, off);
+    return K.run_stats(x + off, run);
+  }
+  void unit_affine(const T* x, T* y, const T* r, bool relu, int64_t c, int64_t u, const FwdCoef<Acc>& k) const {
+    int64_t off;
+    const Run run = U.unit(c, u, off);
+    K.run_affine(x + off, y + off, run, k, r ? r + off : nullptr, relu);
+  }
+  void unit_sums(const T* dy, const T* x, const T* r, bool relu, int64_t c, int64_t u, const FwdCoef<Acc>& k,
+                 Acc& s1, Acc& s2) const {
+    int64_t off;
+    const Run run = U.unit(c, u, off);
+    K.run_grad_sums(dy + off, x + off, run, k, r ? r + off : nullptr, relu, s1, s2);
+  }
+  void unit_grad(const T* dy, const T* x, const T* r, bool relu, int64_t c, int64_t u, const BwdCoef<Acc>& gk,
+                 const FwdCoef<Acc>& k, T* dx, T* dr) const {
+    int64_t off;
+    const Run run = U.unit(c, u, off);
+    K.run_grad_input(dy + off, x + off, run, gk, k, r ? r + off : nullptr, relu, dx ? dx + off : nullptr,
+                     dr ? dr + off : nullptr);
+  }
+
+  // Per-channel Welford states of all units, folded in unit order.
+  std::vector<WelfordState<Acc>> stats(const T* x) const {
+    const int64_t C = U.C, n = U.per_channel;
+    std::vector<WelfordState<Acc>> parts(C * n), out(C);
+    at::parallel_for(0, C * n, U.grain_units(), [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) parts[i] = unit_stats(x, i / n, i % n);
+    });
+    for (int64_t c = 0; c < C; ++c) {
+      WelfordState<Fold> st{0, 0.0, 0.0};
+      for (int64_t u = 0; u < n; ++u) st = chan_merge(st, widen(parts[c * n + u]));
+      out[c] = narrow<Acc>(st);
+    }
+    return out;
+  }
+
+  template <class F> void for_all_units(F&& f) const {
+    const int64_t n = U.per_channel;
+    at::parallel_for(0, U.C * n, U.grain_units(), [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) f(i / n, i % n);
+    });
+  }
+
+  void forward_train(const Operands& o, at::Tensor& y, at::Tensor& mean, at::Tensor& invstd, at::Tensor& var) const {
+    const T* x = cptr<T>(o.x);
+    const T* r = cptr<T>(o.residual);
+    T* yp = mptr<T>(y);
+    Acc *m = mptr<Acc>(mean), *v = mptr<Acc>(var), *is = mptr<Acc>(invstd);
+    ChannelStats<Acc> st{m, is, false, Acc(0)};
+    Affine<Acc> af{cptr<Acc>(o.weight), cptr<Acc>(o.bias)};
+    const int64_t n = U.per_channel;
+    if (channel_per_thread(U.C)) {
+      at::parallel_for(0, U.C, 1, [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c) {
+          WelfordState<Fold> s{0, 0.0, 0.0};
+          for (int64_t u = 0; u < n; ++u) s = chan_merge(s, widen(unit_stats(x, c, u)));
+          finalize_stats(narrow<Acc>(s), o.eps, m, v, is, c);
+          const FwdCoef<Acc> k = forward_coef(st, af, c);
+          for (int64_t u = 0; u < n; ++u) unit_affine(x, yp, r, o.relu, c, u, k);
+        }
+      });
+      return;
+    }
+    const auto s = stats(x);
+    for (int64_t c = 0; c < U.C; ++c) finalize_stats(s[c], o.eps, m, v, is, c);
+    for_all_units([&](int64_t c, int64_t u) { unit_affine(x, yp, r, o.relu, c, u, forward_coef(st, af, c)); });
+  }
+
+  void normalize(const Operands& o, at::Tensor& y) const {
+    const T* x = cptr<T>(o.x);
+    const T* r = cptr<T>(o.residual);
+    T* yp = mptr<T>(y);
+    ChannelView<Acc> cv(o);
+    for_all_units([&](int64_t c, int64_t u) { unit_affine(x, yp, r, o.relu, c, u, cv.fwd(c)); });
+  }
+
+  void backward(const Operands& o, const at::Tensor& dy_t, bool training, bool sums, at::Tensor& sum_dy,
+                at::Tensor& sum_dy_xhat, at::Tensor& dx_t, at::Tensor& dr_t) const {
+    const T* x = cptr<T>(o.x);
+    const T* dy = cptr<T>(dy_t);
+    const T* r = cptr<T>(o.residual);
+    T* dx = mptr<T>(dx_t);
+    T* dr = mptr<T>(dr_t);
+    Acc* sdy = mptr<Acc>(sum_dy);
+    Acc* sdx = mptr<Acc>(sum_dy_xhat);
+    ChannelView<Acc> cv(o);
+    const int64_t n = U.per_channel;
+    const int64_t m = o.g.count();
+    const bool elementwise = dx || dr;
+    auto coef = [&](int64_t c) {
+      return backward_coef(cv.st, cv.af, c, training, sums ? sdy[c] : Acc(0), sums ? sdx[c] : Acc(0), m);
+    };
+    if (channel_per_thread(U.C)) {
+      at::parallel_for(0, U.C, 1, [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c) {
+          const FwdCoef<Acc> k = cv.fwd(c);
+          if (sums) {
+            Fold a = 0, b = 0;
+            for (int64_t u = 0; u < n; ++u) {
+              Acc s1, s2;
+              unit_sums(dy, x, r, o.relu, c, u, k, s1, s2);
+              a += s1;
+              b += s2;
+            }
+            sdy[c] = static_cast<Acc>(a);
+            sdx[c] = static_cast<Acc>(b * channel_invstd(cv.st, c));
+          }
+          if (elementwise) {
+            const BwdCoef<Acc> gk = coef(c);
+            for (int64_t u = 0; u < n; ++u) unit_grad(dy, x, r, o.relu, c, u, gk, k, dx, dr);
+          }
+        }
+      });
+      return;
+    }
+    if (sums) {
+      std::vector<Acc> p1(U.C * n), p2(U.C * n);
+      for_all_units([&](int64_t c, int64_t u) { unit_sums(dy, x, r, o.relu, c, u, cv.fwd(c), p1[c * n + u], p2[c * n + u]); });
+      for (int64_t c = 0; c < U.C; ++c) {
+        Fold a = 0, b = 0;
+        for (int64_t u = 0; u < n; ++u) {
+          a += p1[c * n + u];
+          b += p2[c * n + u];
+        }
+        sdy[c] = static_cast<Acc>(a);
+        sdx[c] = static_cast<Acc>(b * channel_invstd(cv.st, c));
+      }
+    }
+    if (elementwise) {
+      for_all_units([&](int64_t c, int64_t u) { unit_grad(dy, x, r, o.relu, c, u, coef(c), cv.fwd(c), dx, dr); });
+    }
+  }
+
+  void grad_input(const Operands& o, const at::Tensor& dy_t, const Acc* sdy, const Acc* sdx, int64_t count,
+                  at::Tensor& dx_t, at::Tensor& dr_t) const {
+    const T* x = cptr<T>(o.x);
+    const T* dy = cptr<T>(dy_t);
+    const T* r = cptr<T>(o.residual);
+    T* dx = mptr<T>(dx_t);
+    T* dr = mptr<T>(dr_t);
+    ChannelView<Acc> cv(o);
+    for_all_units([&](int64_t c, int64_t u) {
+      unit_grad(dy, x, r, o.relu, c, u, backward_coef(cv.st, cv.af, c, true, sdy[c], sdx[c], count), cv.fwd(c), dx, dr);
+    });
+  }
+};
+
+// ---------------------------------------------------------------- channels last
+
+template <class T> struct RowsDriver {
+  using Acc = acc_t<T>;
+  const Kernels<T>& K = kernels<T>();
+  RowBlocks B;
+  explicit RowsDriver(const Geometry& g) : B(g, kernels<T>().lanes) {}
+
+  template <class F> void for_all_blocks(F&& f) const {
+    at::parallel_for(0, B.count, B.grain_blocks(), [&](int64_t b, int64_t e) {
+      std::vector<Acc> scratch(4 * B.L);
+      for (int64_t i = b; i < e; ++i) f(i, scratch.data());
+    });
+  }
+
+  // Per-channel Welford states, block partials folded in block order.
+  std::vector<WelfordState<Acc>> stats(const T* x) const {
+    const int64_t C = B.C;
+    std::vector<Acc> pm(B.count * C), pm2(B.count * C);
+    for_all_blocks([&](int64_t b, Acc* scratch) {
+      K.rows_stats(x + B.offset(b), B.rows_of(b), C, B.L, &pm[b * C], &pm2[b * C], scratch);
+    });
+    // Chan merge of the blocks in block order; all channels of a block share its count, so
+    // the merge weights are computed once per block and the channel loop vectorises.
+    std::vector<Fold> mean(pm.begin(), pm.begin() + C), m2(pm2.begin(), pm2.begin() + C);
+    at::parallel_for(0, C, 256, [&](int64_t c0, int64_t c1) {
+      int64_t n = B.rows_of(0);
+      for (int64_t b = 1; b < B.count; ++b) {
+        const int64_t nb = B.rows_of(b);
+        const Fold ratio = static_cast<Fold>(nb) / static_cast<Fold>(n + nb);
+        const Fold keep = static_cast<Fold>(n) / static_cast<Fold>(n + nb);
+        const Fold cross = static_cast<Fold>(n) * ratio;
+        const Acc* bm = &pm[b * C];
+        const Acc* bm2 = &pm2[b * C];
+        for (int64_t c = c0; c < c1; ++c) {
+          const Fold delta = static_cast<Fold>(bm[c]) - mean[c];
+          const Fold merged = is_finite(delta) ? madd(delta, ratio, mean[c]) : mean[c] * keep + bm[c] * ratio;
+          m2[c] = m2[c] + static_cast<Fold>(bm2[c]) + delta * delta * cross;
+          mean[c] = merged;
+        }
+        n += nb;
+      }
+    });
+    std::vector<WelfordState<Acc>> out(C);
+    for (int64_t c = 0; c < C; ++c) out[c] = WelfordState<Acc>{B.M, static_cast<Acc>(mean[c]), static_cast<Acc>(m2[c])};
+    return out;
+  }
+
+  struct FwdPatterns {
+    std::vector<Acc> mean, a, b;
+  };
+  FwdPatterns fwd_patterns(const ChannelStats<Acc>& st, const Affine<Acc>& af) const {
+    std::vector<Acc> m(B.C), a(B.C), b(B.C);
+    for (int64_t c = 0; c < B.C; ++c) {
+      const FwdCoef<Acc> k = forward_coef(st, af, c);
+      m[c] = k.mean;
+      a[c] = k.a;
+      b[c] = k.b;
+    }
+    return {B.pattern(m), B.pattern(a), B.pattern(b)};
+  }
+
+  void affine(const Operands& o, const FwdPatterns& p, at::Tensor& y) const {
+    const T* x = cptr<T>(o.x);
+    const T* r = cptr<T>(o.residual);
+    T* yp = mptr<T>(y);
+    for_all_blocks([&](int64_t b, Acc*) {
+      const int64_t off = B.offset(b);
+      K.rows_affine(x + off, yp + off, B.rows_of(b), B.C, B.L, p.mean.data(), p.a.data(), p.b.data(),
+                    r ? r + off : nullptr, o.relu);
+    });
+  }
+
+  void forward_train(const Operands& o, at::Tensor& y, at::Tensor& mean, at::Tensor& invstd, at::Tensor& var) const {
+    Acc *m = mptr<Acc>(mean), *v = mptr<Acc>(var), *is = mptr<Acc>(invstd);
+    const auto s = stats(cptr<T>(o.x));
+    for (int64_t c = 0; c < B.C; ++c) finalize_stats(s[c], o.eps, m, v, is, c);
+    ChannelStats<Acc> st{m, is, false, Acc(0)};
+    Affine<Acc> af{cptr<Acc>(o.weight), cptr<Acc>(o.bias)};
+    affine(o, fwd_patterns(st, af), y);
+  }
+
+  void normalize(const Operands& o, at::Tensor& y) const {
+    ChannelView<Acc> cv(o);
+    affine(o, fwd_patterns(cv.st, cv.af), y);
+  }
+
+  void sums(const Operands& o, const T* dy, const FwdPatterns& p, const ChannelView<Acc>& cv, Acc* sdy,
+            Acc* sdx) const {
+    const T* x = cptr<T>(o.x);
+    const T* r = cptr<T>(o.residual);
+    const int64_t C = B.C;
+    std::vector<Acc> p1(B.count * C), p2(B.count * C);
+    for_all_blocks([&](int64_t b, Acc* scratch) {
+      const int64_t off = B.offset(b);
+      K.rows_grad_sums(dy + off, x + off, B.rows_of(b), C, B.L, p.mean.data(), p.a.data(), p.b.data(),
+                       r ? r + off : nullptr, o.relu, &p1[b * C], &p2[b * C], scratch);
+    });
+    at::parallel_for(0, C, 256, [&](int64_t c0, int64_t c1) {
+      std::vector<Fold> a(p1.begin() + c0, p1.begin() + c1), s(p2.begin() + c0, p2.begin() + c1);
+      for (int64_t b = 1; b < B.count; ++b) {
+        const Acc* q1 = &p1[b * C];
+        const Acc* q2 = &p2[b * C];
+        for (int64_t c = c0; c < c1; ++c) {
+          a[c - c0] += q1[c];
+          s[c - c0] += q2[c];
+        }
+      }
+      for (int64_t c = c0; c < c1; ++c) {
+        sdy[c] = static_cast<Acc>(a[c - c0]);
+        sdx[c] = static_cast<Acc>(s[c - c0] * channel_invstd(cv.st, c));
+      }
+    });
+  }
+
+  void grad(const Operands& o, const T* dy, const FwdPatterns& p, const ChannelView<Acc>& cv, bool training,
+            const Acc* sdy, const Acc* sdx, int64_t count, T* dx, T* dr) const {
+    const T* x = cptr<T>(o.x);
+    const T* r = cptr<T>(o.residual);
+    std::vector<Acc> A(B.C), Bm(B.C), D(B.C);
+    for (int64_t c = 0; c < B.C; ++c) {
+      const BwdCoef<Acc> g = backward_coef(cv.st, cv.af, c, training, sdy ? sdy[c] : Acc(0), sdx ? sdx[c] : Acc(0), count);
+      A[c] = g.A;
+      Bm[c] = g.Bm;
+      D[c] = g.D;
+    }
+    const auto pA = B.pattern(A), pB = B.pattern(Bm), pD = B.pattern(D);
+    for_all_blocks([&](int64_t b, Acc*) {
+      const int64_t off = B.offset(b);
+      K.rows_grad_input(dy + off, x + off, B.rows_of(b), B.C, B.L, p.mean.data(), pA.data(), pB.data(), pD.data(),
+                        p.a.data(), p.b.data(), r ? r + off : nullptr, o.relu, dx ? dx + off : nullptr,
+                        dr ? dr + off : nullptr);
+    });
+  }
+
+  void backward(const Operands& o, const at::Tensor& dy_t, bool training, bool want_sums, at::Tensor& sum_dy,
+                at::Tensor& sum_dy_xhat, at::Tensor& dx, at::Tensor& dr) const {
+    ChannelView<Acc> cv(o);
+    const auto p = fwd_patterns(cv.st, cv.af);
+    const T* dy = cptr<T>(dy_t);
+    Acc* sdy = mptr<Acc>(sum_dy);
+    Acc* sdx = mptr<Acc>(sum_dy_xhat);
+    if (want_sums) sums(o, dy, p, cv, sdy, sdx);
+    if (dx.defined() || dr.defined())
+      grad(o, dy, p, cv, training, want_sums ? sdy : nullptr, want_sums ? sdx : nullptr, o.g.count(), mptr<T>(dx),
+           mptr<T>(dr));
+  }
+
+  void grad_input(const Operands& o, const at::Tensor& dy_t, const Acc* sdy, const Acc* sdx, int64_t count,
+                  at::Tensor& dx, at::Tensor& dr) const {
+    ChannelView<Acc> cv(o);
+    grad(o, cptr<T>(dy_t), fwd_patterns(cv.st, cv.af), cv, true, sdy, sdx, count, mptr<T>(dx), mptr<T>(dr));
+  }
+};
+
+#define FASTBN_CPU_DISPATCH(DTYPE, NAME, ...)                                        \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, DTYPE, NAME, [&] {       \
+    using T = typename Storage<scalar_t>::type;                                      \
+    using Acc = acc_t<T>;                                                            \
+    (void)sizeof(Acc);                                                               \
+    __VA_ARGS__                                                                      \
+  })
+
+}  // namespace
+
+struct CpuBackend {
+  static void batch_stats(const Geometry& g, const at::Tensor& x, at::Tensor& mean, at::Tensor& var) {
+    FASTBN_CPU_DISPATCH(x.scalar_type(), "fastbn_batch_stats", {
+      const auto s = g.channels_last ? RowsDriver<T>(g).stats(cptr<T>(x)) : PlanarDriver<T>(g).stats(cptr<T>(x));
+      for (int64_t c = 0; c < g.C; ++c) finalize_stats(s[c], 0.0, mptr<Acc>(mean), mptr<Acc>(var), (Acc*)nullptr, c);
+    });
+  }
+  static void forward_train(const Operands& o, at::Tensor& y, at::Tensor& mean, at::Tensor& invstd, at::Tensor& var) {
+    FASTBN_CPU_DISPATCH(o.x.scalar_type(), "fastbn_forward_train", {
+      if (o.g.channels_last) RowsDriver<T>(o.g).forward_train(o, y, mean, invstd, var);
+      else PlanarDriver<T>(o.g).forward_train(o, y, mean, invstd, var);
+    });
+  }
+  static void normalize(const Operands& o, at::Tensor& y) {
+    FASTBN_CPU_DISPATCH(o.x.scalar_type(), "fastbn_normalize", {
+      if (o.g.channels_last) RowsDriver<T>(o.g).normalize(o, y);
+      else PlanarDriver<T>(o.g).normalize(o, y);
+    });
+  }
+  static void backward(const Operands& o, const at::Tensor& dy, bool training, bool sums, at::Tensor& sum_dy,
+                       at::Tensor& sum_dy_xhat, at::Tensor& dx, at::Tensor& dr) {
+    FASTBN_CPU_DISPATCH(o.x.scalar_type(), "fastbn_backward", {
+      if (o.g.channels_last) RowsDriver<T>(o.g).backward(o, dy, training, sums, sum_dy, sum_dy_xhat, dx, dr);
+      else PlanarDriver<T>(o.g).backward(o, dy, training, sums, sum_dy, sum_dy_xhat, dx, dr);
+    });
+  }
+  static void grad_input(const Operands& o, const at::Tensor& dy, const at::Tensor& sum_dy,
+                         const at::Tensor& sum_dy_xhat, int64_t count, at::Tensor& dx, at::Tensor& dr) {
+    FASTBN_CPU_DISPATCH(o.x.scalar_type(), "fastbn_grad_input", {
+      const Acc* sdy = cptr<Acc>(sum_dy);
+      const Acc* sdx = cptr<Acc>(sum_dy_xhat);
+      if (o.g.channels_last) RowsDriver<T>(o.g).grad_input(o, dy, sdy, sdx, count, dx, dr);
+      else PlanarDriver<T>(o.g).grad_input(o, dy, sdy, sdx, count, dx, dr);
+    });
+  }
+  static void update_running_stats(at::Tensor& rm, at::Tensor& rv, const at::Tensor& mean, const at::Tensor& var,
+                                   double momentum, int64_t count) {
+    AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "fastbn_update_running_stats", [&] {
+      scalar_t* m = rm.data_ptr<scalar_t>();
+      scalar_t* v = rv.data_ptr<scalar_t>();
+      const scalar_t* bm = mean.data_ptr<scalar_t>();
+      const scalar_t* bv = var.data_ptr<scalar_t>();
+      for (int64_t c = 0; c < mean.numel(); ++c)
+        running_update<scalar_t>(m[c], v[c], bm[c], bv[c], static_cast<scalar_t>(momentum), count);
+    });
+  }
+  static void merge_stats(const at::Tensor& counts, const at::Tensor& means, const at::Tensor& vars, double eps,
+                          at::Tensor& mean, at::Tensor& invstd, at::Tensor& var) {
+    AT_DISPATCH_FLOATING_TYPES(means.scalar_type(), "fastbn_merge_stats", [&] {
+      const int64_t W = means.size(0), C = means.size(1);
+      const int64_t* n = counts.data_ptr<int64_t>();
+      const scalar_t* pm = means.data_ptr<scalar_t>();
+      const scalar_t* pv = vars.data_ptr<scalar_t>();
+      for (int64_t c = 0; c < C; ++c) {
+        WelfordState<scalar_t> s{0, scalar_t(0), scalar_t(0)};
+        for (int64_t w = 0; w < W; ++w)
+          s = chan_merge(s, WelfordState<scalar_t>{n[w], pm[w * C + c], pv[w * C + c] * static_cast<scalar_t>(n[w])});
+        finalize_stats(s, eps, mean.data_ptr<scalar_t>(), var.data_ptr<scalar_t>(), invstd.data_ptr<scalar_t>(), c);
+      }
+    });
+  }
+};
+
+}  // namespace cpu
+}  // namespace fastbn
+
+FASTBN_REGISTER_BACKEND(CPU, ::fastbn::cpu::CpuBackend)

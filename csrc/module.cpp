@@ -1,0 +1,31 @@
+// The Python module fastbn._C: loading it registers every op (TORCH_LIBRARY in ops.cpp and
+// the per-device TORCH_LIBRARY_IMPLs). It also reports how the library was built.
+#include <Python.h>
+
+namespace fastbn {
+namespace cpu {
+const char* isa_name();
+}
+}  // namespace fastbn
+
+namespace {
+PyObject* cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(fastbn::cpu::isa_name()); }
+
+PyObject* built_with_cuda(PyObject*, PyObject*) {
+#ifdef FASTBN_WITH_CUDA
+  Py_RETURN_TRUE;
+#else
+  Py_RETURN_FALSE;
+#endif
+}
+
+PyMethodDef methods[] = {
+    {"cpu_isa", cpu_isa, METH_NOARGS, "Instruction set of the CPU kernels in use: 'avx2' or 'base'."},
+    {"built_with_cuda", built_with_cuda, METH_NOARGS, "Whether the CUDA kernels were compiled in."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "fastbn native ops (registered under torch.ops.fastbn)", -1,
+                          methods};
+}  // namespace
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module_def); }

@@ -1,0 +1,72 @@
+"""``fastbn.functional.batch_norm``: ``torch.nn.functional.batch_norm`` on fastbn's kernels."""
+import torch
+
+from ._autograd import BatchNormEval, BatchNormTrain
+from ._ops import ops
+
+_ACTIVATIONS = (None, "relu")
+
+
+def _check_args(input, running_mean, running_var, weight, bias, training, eps):
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"batch_norm(): input must be a Tensor, not {type(input).__name__}")
+    if input.dim() < 2:
+        raise ValueError(
+            f"fastbn: expected input of shape (N, C, ...) with at least 2 dimensions, got {input.dim()}D input")
+    if training:
+        size = input.size()
+        prod = size[0]
+        for s in size[2:]:
+            prod *= s
+        if prod == 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    elif eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    channels = input.shape[1]
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
+        if t is not None and t.numel() != channels:
+            raise RuntimeError(f"{name} should contain {channels} elements not {t.numel()}")
+
+
+def batch_norm(
+    input,
+    running_mean,
+    running_var,
+    weight=None,
+    bias=None,
+    training=False,
+    momentum=0.1,
+    eps=1e-5,
+    *,
+    activation=None,
+    residual=None,
+):
+    """Batch normalisation with ``torch.nn.functional.batch_norm``'s signature and semantics.
+
+    training=True normalises with the batch statistics and, when ``running_mean`` and
+    ``running_var`` are given, updates them in place:
+    ``running = (1 - momentum) * running + momentum * batch`` (variance unbiased).
+    training=False normalises with the running statistics and updates nothing.
+
+    Extensions (keyword-only): ``residual`` (a tensor shaped like ``input``) is added after
+    the affine transform, and ``activation="relu"`` applies a ReLU, both inside the
+    normalisation pass: ``relu(bn(input) + residual)``.
+    """
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"fastbn: activation must be None or 'relu', got {activation!r}")
+    _check_args(input, running_mean, running_var, weight, bias, training, eps)
+    relu = activation == "relu"
+    if training:
+        out, mean, var = BatchNormTrain.apply(input, weight, bias, residual, eps, relu)
+        if running_mean is not None and running_var is not None:
+            channels = input.shape[1]
+            count = input.numel() // channels if channels else 0
+            ops.update_running_stats(running_mean, running_var, mean, var, float(momentum), count)
+        elif (running_mean is None) != (running_var is None):
+            raise ValueError("fastbn: running_mean and running_var must both be given or both be None")
+        return out
+    if running_mean is None or running_var is None:
+        raise RuntimeError("running_mean must be defined in evaluation mode")
+    return BatchNormEval.apply(input, weight, bias, residual, running_mean, running_var, eps, relu)

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Sets up fastbn on a fresh machine: torch (the CPU build when none is installed), the Python
+# packages the tests, benchmark and example use, then fastbn itself (in place, editable).
+# Installs only what is missing, so it also works offline where everything is present.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+need() {  # need <import name> <pip requirement>
+  "$PY" -c "import $1" 2>/dev/null || "$PY" -m pip install -q "$2"
+}
+need torch "torch==2.13.0"
+need numpy numpy
+need pytest pytest
+need matplotlib matplotlib
+need sklearn scikit-learn
+need tqdm tqdm
+"$PY" -m pip install -q --no-build-isolation -e .
+"$PY" -c "import fastbn, torch; print('fastbn ready: torch', torch.__version__, '| CPU kernels:', fastbn.cpu_isa(), '| CUDA kernels:', fastbn.built_with_cuda())"

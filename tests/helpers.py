@@ -1,0 +1,95 @@
+"""Shared helpers for the tests: devices, tolerances, module pairs, random inputs."""
+import contextlib
+
+import pytest
+import torch
+
+import fastbn
+
+HAS_CUDA = torch.cuda.is_available()
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU visible")
+
+# Every device-parametrised test has a CUDA variant that skips itself without a GPU.
+DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
+
+TORCH_BN = {1: torch.nn.BatchNorm1d, 2: torch.nn.BatchNorm2d, 3: torch.nn.BatchNorm3d}
+FAST_BN = {1: fastbn.BatchNorm1d, 2: fastbn.BatchNorm2d, 3: fastbn.BatchNorm3d}
+
+
+def tol(dtype):
+    """assert_close tolerances for comparing two correctly rounded BatchNorm results."""
+    return {
+        torch.float64: dict(rtol=1e-9, atol=1e-10),
+        torch.float32: dict(rtol=2e-5, atol=2e-5),
+        torch.float16: dict(rtol=2e-3, atol=4e-3),
+        torch.bfloat16: dict(rtol=1.6e-2, atol=3e-2),
+    }[dtype]
+
+
+def reduction_tol(dtype, m):
+    """Tolerances for per-channel sums over m values (weight/bias gradients): two correct
+    float implementations differ by rounding that grows like sqrt(m)."""
+    t = dict(tol(dtype))
+    t["atol"] = t["atol"] * max(1.0, (m ** 0.5) / 8)
+    return t
+
+
+def param_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@contextlib.contextmanager
+def poisoned_outputs():
+    """Fills every newly allocated (uninitialised) tensor with NaN, so elements a kernel
+    forgot to write show up as NaN."""
+    old_det = torch.are_deterministic_algorithms_enabled()
+    old_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(old_det)
+        torch.utils.deterministic.fill_uninitialized_memory = old_fill
+
+
+def randomize_(module, gen=None):
+    """Fresh non-trivial parameters and buffers (never the default ones/zeros)."""
+    with torch.no_grad():
+        if module.weight is not None:
+            module.weight.uniform_(0.5, 1.5, generator=gen)
+        if module.bias is not None:
+            module.bias.normal_(0.0, 0.5, generator=gen)
+        if module.running_mean is not None:
+            module.running_mean.normal_(0.0, 0.5, generator=gen)
+            module.running_var.uniform_(0.5, 2.0, generator=gen)
+            module.num_batches_tracked.fill_(int(torch.randint(0, 5, (1,), generator=gen)))
+    return module
+
+
+def make_pair(kind, channels, device="cpu", param_dt=torch.float32, **kwargs):
+    """(torch module, fastbn module) with identical random parameters and buffers."""
+    ref = TORCH_BN[kind](channels, device=device, dtype=param_dt, **kwargs)
+    randomize_(ref)
+    ours = FAST_BN[kind](channels, device=device, dtype=param_dt, **kwargs)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def make_input(shape, dtype, device="cpu", layout="contiguous", scale=2.0, offset=0.5):
+    """Random input (never zeros) in the requested memory layout:
+    'contiguous', 'channels_last' (4-D/5-D) or 'strided' (a non-contiguous view)."""
+    if layout == "strided":
+        # Every other element along the last dimension of a twice-as-long buffer.
+        big = list(shape)
+        big[-1] *= 2
+        base = torch.randn(big, device=device, dtype=torch.float64) * scale + offset
+        return base[..., ::2].to(dtype) if dtype == torch.float64 else base.to(dtype)[..., ::2]
+    x = (torch.randn(shape, device=device, dtype=torch.float64) * scale + offset).to(dtype)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    return x
+
+
+def kind_of(ndim):
+    return {2: 1, 3: 1, 4: 2, 5: 3}[ndim]
