@@ -15,5 +15,10 @@ need pytest pytest
 need matplotlib matplotlib
 need sklearn scikit-learn
 need tqdm tqdm
-"$PY" -m pip install -q --no-build-isolation -e .
+# Build only when the sources changed since the last build made here.
+stamp=$(cat setup.py $(find csrc -type f | sort) | sha1sum | cut -d' ' -f1)
+if ! ls fastbn/_C*.so >/dev/null 2>&1 || [ "$(cat .build-stamp 2>/dev/null)" != "$stamp" ]; then
+  "$PY" -m pip install -q --no-build-isolation -e .
+  echo "$stamp" > .build-stamp
+fi
 "$PY" -c "import fastbn, torch; print('fastbn ready: torch', torch.__version__, '| CPU kernels:', fastbn.cpu_isa(), '| CUDA kernels:', fastbn.built_with_cuda())"

@@ -1,0 +1,63 @@
+// Per-channel (length-C) kernels: running-statistics update and the Chan merge of per-rank
+// statistics (SyncBatchNorm). One thread per channel.
+#include "common.cuh"
+
+namespace fastbn {
+namespace cuda {
+
+namespace {
+
+template <class Acc>
+__global__ void update_running_kernel(Acc* __restrict__ rm, Acc* __restrict__ rv, const Acc* __restrict__ mean,
+                                      const Acc* __restrict__ var, Acc momentum, int64_t count, int64_t C) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c < C) running_update(rm[c], rv[c], mean[c], var[c], momentum, count);
+}
+
+template <class Acc>
+__global__ void merge_stats_kernel(const int64_t* __restrict__ counts, const Acc* __restrict__ means,
+                                   const Acc* __restrict__ vars, int64_t W, int64_t C, Acc eps, Acc* __restrict__ mean,
+                                   Acc* __restrict__ invstd, Acc* __restrict__ var) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  WelfordState<double> s{0, 0.0, 0.0};
+  for (int64_t w = 0; w < W; ++w) {
+    const double n = static_cast<double>(counts[w]);
+    s = chan_merge(s, WelfordState<double>{counts[w], static_cast<double>(means[w * C + c]),
+                                           static_cast<double>(vars[w * C + c]) * n});
+  }
+  const Acc v = static_cast<Acc>(biased_var(s));
+  mean[c] = static_cast<Acc>(s.mean);
+  var[c] = v;
+  invstd[c] = invstd_from_var(v, eps);
+}
+
+}  // namespace
+
+template <class Acc>
+cudaError_t launch_update_running(Acc* running_mean, Acc* running_var, const Acc* mean, const Acc* var,
+                                  double momentum, int64_t count, int64_t C, const LaunchEnv& env) {
+  update_running_kernel<Acc><<<static_cast<unsigned>(ceil_div(C, kThreads)), kThreads, 0, env.stream>>>(
+      running_mean, running_var, mean, var, static_cast<Acc>(momentum), count, C);
+  return cudaGetLastError();
+}
+
+template <class Acc>
+cudaError_t launch_merge_stats(const int64_t* counts, const Acc* means, const Acc* vars, int64_t W, int64_t C,
+                               double eps, Acc* mean, Acc* invstd, Acc* var, const LaunchEnv& env) {
+  merge_stats_kernel<Acc><<<static_cast<unsigned>(ceil_div(C, kThreads)), kThreads, 0, env.stream>>>(
+      counts, means, vars, W, C, static_cast<Acc>(eps), mean, invstd, var);
+  return cudaGetLastError();
+}
+
+template cudaError_t launch_update_running<float>(float*, float*, const float*, const float*, double, int64_t,
+                                                  int64_t, const LaunchEnv&);
+template cudaError_t launch_update_running<double>(double*, double*, const double*, const double*, double, int64_t,
+                                                   int64_t, const LaunchEnv&);
+template cudaError_t launch_merge_stats<float>(const int64_t*, const float*, const float*, int64_t, int64_t, double,
+                                               float*, float*, float*, const LaunchEnv&);
+template cudaError_t launch_merge_stats<double>(const int64_t*, const double*, const double*, int64_t, int64_t, double,
+                                                double*, double*, double*, const LaunchEnv&);
+
+}  // namespace cuda
+}  // namespace fastbn

@@ -1,0 +1,167 @@
+// Device helpers shared by fastbn's CUDA kernels: 16-byte vector access, launch shapes,
+// and deterministic warp/block reductions. Torch-free.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "../bn_math.h"
+#include "launch.h"
+
+namespace fastbn {
+namespace cuda {
+
+constexpr int kThreads = 256;        // threads per block, every kernel
+constexpr int kBlocksPerSM = 4;      // reduction grids aim for this many blocks per SM
+constexpr int64_t kMinPerBlock = 4096;  // values one reduction block handles, at least
+constexpr int kMaxGridY = 65535;
+
+// Values per 16-byte vector: float 4, double 2, f16/bf16 8.
+template <class T> constexpr int vec_width() { return static_cast<int>(16 / sizeof(T)); }
+
+template <class T, int N> struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+template <int N, class T> __device__ __forceinline__ void load_acc(const T* __restrict__ p, acc_t<T> (&out)[N]) {
+  const Pack<T, N> pk = *reinterpret_cast<const Pack<T, N>*>(p);
+#pragma unroll
+  for (int i = 0; i < N; ++i) out[i] = to_acc(pk.v[i]);
+}
+
+template <int N, class T> __device__ __forceinline__ void store_acc(T* __restrict__ p, const acc_t<T> (&in)[N]) {
+  Pack<T, N> pk;
+#pragma unroll
+  for (int i = 0; i < N; ++i) pk.v[i] = from_acc<T>(in[i]);
+  *reinterpret_cast<Pack<T, N>*>(p) = pk;
+}
+
+inline bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int next_pow2(int64_t v) {
+  int p = 1;
+  while (p < v && p < kThreads) p <<= 1;
+  return p;
+}
+
+// Channels-last thread block: x covers channel vectors (VC channels a thread), y covers rows.
+struct ClBlock {
+  int bx, by;
+  int64_t grid_x;
+  ClBlock(int64_t C, int vc) {
+    const int64_t cv = ceil_div(C, vc);
+    bx = std::min(32, next_pow2(cv));
+    by = kThreads / bx;
+    grid_x = ceil_div(cv, bx);
+  }
+};
+
+// Planar elementwise block: x covers positions in a plane (V values a thread), y covers planes.
+struct PlanarBlock {
+  int bx, by;
+  int64_t grid_x, grid_y;
+  PlanarBlock(int64_t planes, int64_t S, int v) {
+    bx = next_pow2(ceil_div(S, v));
+    by = kThreads / bx;
+    grid_x = ceil_div(ceil_div(S, v), bx);
+    grid_y = std::min<int64_t>(kMaxGridY, ceil_div(planes, by));
+  }
+};
+
+// Number of blocks each channel's reduction is split over (fills the GPU whatever C is).
+inline int64_t reduce_splits(const Geometry& g, int sm_count, int64_t channel_groups) {
+  const int64_t target = static_cast<int64_t>(std::max(sm_count, 1)) * kBlocksPerSM;
+  int64_t splits = ceil_div(target, std::max<int64_t>(channel_groups, 1));
+  splits = std::min(splits, ceil_div(g.count(), kMinPerBlock));
+  return std::max<int64_t>(1, std::min<int64_t>(splits, kMaxGridY));
+}
+
+// Splits of a reduction over geometry g: planar kernels run C * splits blocks (one channel
+// each); channels-last kernels run grid_x channel tiles * splits row groups.
+inline int64_t planar_splits(const Geometry& g, int sm_count) { return reduce_splits(g, sm_count, g.C); }
+inline int64_t cl_splits(const Geometry& g, int sm_count, int vc) {
+  const ClBlock blk(g.C, vc);
+  return std::min(reduce_splits(g, sm_count, blk.grid_x), std::max<int64_t>(1, ceil_div(g.rows(), blk.by)));
+}
+
+// Pieces per plane and piece length (a multiple of v) so that N * pieces >= splits.
+struct PlanarPieces {
+  int64_t pieces, len;
+  PlanarPieces(const Geometry& g, int64_t splits, int v) {
+    const int64_t want = std::max<int64_t>(1, ceil_div(splits, std::max<int64_t>(g.N, 1)));
+    len = ceil_div(ceil_div(g.S, want), v) * v;
+    pieces = ceil_div(g.S, len);
+  }
+};
+
+// ---------------------------------------------------------------- reductions
+
+template <class Acc> __device__ __forceinline__ WelfordState<Acc> shfl_down(const WelfordState<Acc>& s, int off) {
+  WelfordState<Acc> o;
+  o.n = __shfl_down_sync(0xffffffffu, static_cast<long long>(s.n), off);
+  o.mean = __shfl_down_sync(0xffffffffu, s.mean, off);
+  o.m2 = __shfl_down_sync(0xffffffffu, s.m2, off);
+  return o;
+}
+
+// Merge of a whole (1-D) block's Welford states, in a fixed order. Result valid in thread 0.
+// `shared` holds kThreads / 32 states.
+template <class Acc> __device__ WelfordState<Acc> block_merge(WelfordState<Acc> s, WelfordState<Acc>* shared) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) s = chan_merge(s, shfl_down(s, off));
+  if (lane == 0) shared[warp] = s;
+  __syncthreads();
+  if (warp == 0) {
+    s = lane < static_cast<int>(blockDim.x / 32) ? shared[lane] : WelfordState<Acc>{0, Acc(0), Acc(0)};
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) s = chan_merge(s, shfl_down(s, off));
+  }
+  return s;
+}
+
+// Sum of two values over a whole (1-D) block, fixed order. Result valid in thread 0.
+template <class Acc> __device__ void block_sum2(Acc& a, Acc& b, Acc* shared) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    a += __shfl_down_sync(0xffffffffu, a, off);
+    b += __shfl_down_sync(0xffffffffu, b, off);
+  }
+  if (lane == 0) {
+    shared[2 * warp] = a;
+    shared[2 * warp + 1] = b;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    const bool has = lane < static_cast<int>(blockDim.x / 32);
+    a = has ? shared[2 * lane] : Acc(0);
+    b = has ? shared[2 * lane + 1] : Acc(0);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      a += __shfl_down_sync(0xffffffffu, a, off);
+      b += __shfl_down_sync(0xffffffffu, b, off);
+    }
+  }
+}
+
+// Workspace layout of a reduction with `splits` partials per channel:
+//   [int64 n: splits * C][Acc a: splits * C][Acc b: splits * C]   (partial k of channel c at k * C + c)
+template <class Acc> struct ReduceWorkspace {
+  int64_t* n;
+  Acc* a;
+  Acc* b;
+  ReduceWorkspace(void* base, int64_t splits, int64_t C) {
+    n = static_cast<int64_t*>(base);
+    a = reinterpret_cast<Acc*>(n + splits * C);
+    b = a + splits * C;
+  }
+  static size_t bytes(int64_t splits, int64_t C) {
+    return static_cast<size_t>(splits * C) * (sizeof(int64_t) + 2 * sizeof(Acc));
+  }
+};
+
+}  // namespace cuda
+}  // namespace fastbn

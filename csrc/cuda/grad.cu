@@ -1,0 +1,307 @@
+// Backward: per-channel sums (split reduction, fixed-order merge, no atomics) and the
+// elementwise grad_input / grad_residual pass. dy_eff = dy, masked by the relu of the
+// recomputed pre-activation (bn_math.h pre_activation) when the forward had relu.
+#include "common.cuh"
+
+namespace fastbn {
+namespace cuda {
+
+namespace {
+
+// res is the residual value (0 when there is none).
+template <class Acc>
+__device__ __forceinline__ Acc masked(Acc dy, Acc x, const FwdCoef<Acc>& k, Acc res, bool relu) {
+  if (!relu) return dy;
+  const Acc pre = pre_activation(x, k) + res;
+  return pre > Acc(0) ? dy : Acc(0);
+}
+
+template <int V, class T, class Acc> __device__ __forceinline__ void load_residual(const T* r, int64_t off, Acc (&res)[V]) {
+  if (r) {
+    load_acc<V>(r + off, res);
+  } else {
+#pragma unroll
+    for (int i = 0; i < V; ++i) res[i] = Acc(0);
+  }
+}
+
+// Accumulates V values: s1 += dy_eff, s2 += dy_eff * (x - mean).
+template <int V, class T, class Acc>
+__device__ __forceinline__ void sums_vec(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ r,
+                                         bool relu, const FwdCoef<Acc> (&k)[V], int64_t off, Acc (&s1)[V],
+                                         Acc (&s2)[V]) {
+  Acc g[V], v[V], res[V];
+  load_acc<V>(dy + off, g);
+  load_acc<V>(x + off, v);
+  load_residual<V>(r, off, res);
+#pragma unroll
+  for (int i = 0; i < V; ++i) {
+    const Acc d = masked(g[i], v[i], k[i], res[i], relu);
+    s1[i] += d;
+    s2[i] = madd(d, v[i] - k[i].mean, s2[i]);
+  }
+}
+
+template <class T, int V>
+__global__ void __launch_bounds__(kThreads)
+    grad_reduce_planar_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ r, bool relu,
+                              int64_t N, int64_t C, int64_t S, int64_t splits, int64_t pieces, int64_t piece_len,
+                              ChannelStats<acc_t<T>> st, Affine<acc_t<T>> af, acc_t<T>* __restrict__ ws_a,
+                              acc_t<T>* __restrict__ ws_b) {
+  using Acc = acc_t<T>;
+  __shared__ Acc shared[2 * (kThreads / 32)];
+  const int64_t c = blockIdx.x / splits;
+  const int64_t split = blockIdx.x % splits;
+  const FwdCoef<Acc> k1 = forward_coef(st, af, c);
+  FwdCoef<Acc> k[V];
+  Acc s1[V], s2[V];
+#pragma unroll
+  for (int i = 0; i < V; ++i) {
+    k[i] = k1;
+    s1[i] = s2[i] = Acc(0);
+  }
+  const int64_t units = N * pieces;
+  for (int64_t u = split; u < units; u += splits) {
+    const int64_t n = u / pieces;
+    const int64_t s0 = (u % pieces) * piece_len;
+    const int64_t s1_end = min(S, s0 + piece_len);
+    const int64_t base = (n * C + c) * S;
+#pragma unroll 2
+    for (int64_t s = s0 + static_cast<int64_t>(threadIdx.x) * V; s < s1_end; s += static_cast<int64_t>(blockDim.x) * V)
+      sums_vec<V>(dy, x, r, relu, k, base + s, s1, s2);
+  }
+  Acc a = 0, b = 0;
+#pragma unroll
+  for (int i = 0; i < V; ++i) {
+    a += s1[i];
+    b += s2[i];
+  }
+  block_sum2(a, b, shared);
+  if (threadIdx.x == 0) {
+    ws_a[split * C + c] = a;
+    ws_b[split * C + c] = b;
+  }
+}
+
+// Dynamic shared memory: blockDim.y * blockDim.x * VC * 2 Acc.
+template <class T, int VC>
+__global__ void __launch_bounds__(kThreads)
+    grad_reduce_cl_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ r, bool relu,
+                          int64_t M, int64_t C, ChannelStats<acc_t<T>> st, Affine<acc_t<T>> af,
+                          acc_t<T>* __restrict__ ws_a, acc_t<T>* __restrict__ ws_b) {
+  using Acc = acc_t<T>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int bx = blockDim.x, by = blockDim.y, tx = threadIdx.x, ty = threadIdx.y;
+  const int width = bx * VC;
+  Acc* sa = reinterpret_cast<Acc*>(smem);
+  Acc* sb = sa + by * width;
+  const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * bx + tx) * VC;
+  Acc s1[VC], s2[VC];
+#pragma unroll
+  for (int i = 0; i < VC; ++i) s1[i] = s2[i] = Acc(0);
+  if (c0 < C) {
+    FwdCoef<Acc> k[VC];
+#pragma unroll
+    for (int i = 0; i < VC; ++i) k[i] = forward_coef(st, af, c0 + i);
+    for (int64_t m = static_cast<int64_t>(blockIdx.y) * by + ty; m < M; m += static_cast<int64_t>(gridDim.y) * by)
+      sums_vec<VC>(dy, x, r, relu, k, m * C + c0, s1, s2);
+  }
+#pragma unroll
+  for (int i = 0; i < VC; ++i) {
+    sa[ty * width + tx * VC + i] = s1[i];
+    sb[ty * width + tx * VC + i] = s2[i];
+  }
+  __syncthreads();
+  for (int stride = by / 2; stride > 0; stride /= 2) {
+    if (ty < stride) {
+#pragma unroll
+      for (int i = 0; i < VC; ++i) {
+        const int j = tx * VC + i;
+        sa[ty * width + j] += sa[(ty + stride) * width + j];
+        sb[ty * width + j] += sb[(ty + stride) * width + j];
+      }
+    }
+    __syncthreads();
+  }
+  if (ty == 0 && c0 < C) {
+#pragma unroll
+    for (int i = 0; i < VC; ++i) {
+      const int64_t kidx = static_cast<int64_t>(blockIdx.y) * C + c0 + i;
+      ws_a[kidx] = sa[tx * VC + i];
+      ws_b[kidx] = sb[tx * VC + i];
+    }
+  }
+}
+
+// One thread per channel: sum the splits in order (in double); dw-style sum uses invstd.
+template <class Acc>
+__global__ void grad_finalize_kernel(const Acc* __restrict__ ws_a, const Acc* __restrict__ ws_b, int64_t splits,
+                                     int64_t C, ChannelStats<Acc> st, Acc* __restrict__ sum_dy,
+                                     Acc* __restrict__ sum_dy_xhat) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  double a = 0, b = 0;
+  for (int64_t k = 0; k < splits; ++k) {
+    a += static_cast<double>(ws_a[k * C + c]);
+    b += static_cast<double>(ws_b[k * C + c]);
+  }
+  sum_dy[c] = static_cast<Acc>(a);
+  sum_dy_xhat[c] = static_cast<Acc>(b * static_cast<double>(channel_invstd(st, c)));
+}
+
+// dx = A * dy_eff + Bm * (x - mean) + D ; dr = dy_eff.
+template <int V, class T, class Acc>
+__device__ __forceinline__ void grad_vec(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ r,
+                                         bool relu, const FwdCoef<Acc> (&k)[V], const BwdCoef<Acc> (&gk)[V],
+                                         int64_t off, T* __restrict__ dx, T* __restrict__ dr) {
+  Acc g[V], v[V], res[V];
+  load_acc<V>(dy + off, g);
+  load_acc<V>(x + off, v);
+  load_residual<V>(r, off, res);
+#pragma unroll
+  for (int i = 0; i < V; ++i) g[i] = masked(g[i], v[i], k[i], res[i], relu);
+  if (dr) store_acc<V>(dr + off, g);
+  if (dx) {
+#pragma unroll
+    for (int i = 0; i < V; ++i) v[i] = grad_input(g[i], v[i], gk[i]);
+    store_acc<V>(dx + off, v);
+  }
+}
+
+template <class Acc> struct GradArgs {
+  ChannelStats<Acc> st;
+  Affine<Acc> af;
+  const Acc* sum_dy;
+  const Acc* sum_dy_xhat;
+  int64_t count;
+  bool training;
+  __device__ __forceinline__ BwdCoef<Acc> coef(int64_t c) const {
+    return backward_coef(st, af, c, training, sum_dy ? sum_dy[c] : Acc(0), sum_dy_xhat ? sum_dy_xhat[c] : Acc(0),
+                         count);
+  }
+};
+
+template <class T, int V>
+__global__ void __launch_bounds__(kThreads)
+    grad_input_planar_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ r, bool relu,
+                             int64_t planes, int64_t C, int64_t S, GradArgs<acc_t<T>> ga, T* __restrict__ dx,
+                             T* __restrict__ dr) {
+  using Acc = acc_t<T>;
+  for (int64_t p = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; p < planes;
+       p += static_cast<int64_t>(gridDim.y) * blockDim.y) {
+    const int64_t c = p % C;
+    const FwdCoef<Acc> k1 = forward_coef(ga.st, ga.af, c);
+    const BwdCoef<Acc> g1 = ga.coef(c);
+    FwdCoef<Acc> k[V];
+    BwdCoef<Acc> gk[V];
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      k[i] = k1;
+      gk[i] = g1;
+    }
+    const int64_t base = p * S;
+    for (int64_t s = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * V; s < S;
+         s += static_cast<int64_t>(gridDim.x) * blockDim.x * V)
+      grad_vec<V>(dy, x, r, relu, k, gk, base + s, dx, dr);
+  }
+}
+
+template <class T, int VC>
+__global__ void __launch_bounds__(kThreads)
+    grad_input_cl_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ r, bool relu,
+                         int64_t M, int64_t C, GradArgs<acc_t<T>> ga, T* __restrict__ dx, T* __restrict__ dr) {
+  using Acc = acc_t<T>;
+  const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VC;
+  if (c0 >= C) return;
+  FwdCoef<Acc> k[VC];
+  BwdCoef<Acc> gk[VC];
+#pragma unroll
+  for (int i = 0; i < VC; ++i) {
+    k[i] = forward_coef(ga.st, ga.af, c0 + i);
+    gk[i] = ga.coef(c0 + i);
+  }
+  for (int64_t m = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; m < M;
+       m += static_cast<int64_t>(gridDim.y) * blockDim.y)
+    grad_vec<VC>(dy, x, r, relu, k, gk, m * C + c0, dx, dr);
+}
+
+}  // namespace
+
+template <class T>
+cudaError_t launch_grad_reduce(const Geometry& g, const T* dy, const T* x, ChannelStats<acc_t<T>> st,
+                               Affine<acc_t<T>> af, const T* r, bool relu, acc_t<T>* sum_dy, acc_t<T>* sum_dy_xhat,
+                               void* workspace, const LaunchEnv& env) {
+  using Acc = acc_t<T>;
+  constexpr int V = vec_width<T>();
+  const bool aligned = aligned16(dy) && aligned16(x) && aligned16(r);
+  int64_t splits;
+  if (g.channels_last) {
+    const bool vec = g.C % V == 0 && aligned;
+    splits = cl_splits(g, env.sm_count, vec ? V : 1);
+    ReduceWorkspace<Acc> ws(workspace, splits, g.C);
+    const ClBlock blk(g.C, vec ? V : 1);
+    const dim3 grid(static_cast<unsigned>(blk.grid_x), static_cast<unsigned>(splits)), block(blk.bx, blk.by);
+    const size_t smem = static_cast<size_t>(blk.by) * blk.bx * (vec ? V : 1) * 2 * sizeof(Acc);
+    if (vec)
+      grad_reduce_cl_kernel<T, V><<<grid, block, smem, env.stream>>>(dy, x, r, relu, g.rows(), g.C, st, af, ws.a, ws.b);
+    else
+      grad_reduce_cl_kernel<T, 1><<<grid, block, smem, env.stream>>>(dy, x, r, relu, g.rows(), g.C, st, af, ws.a, ws.b);
+  } else {
+    const bool vec = g.S % V == 0 && aligned;
+    splits = planar_splits(g, env.sm_count);
+    ReduceWorkspace<Acc> ws(workspace, splits, g.C);
+    const PlanarPieces pc(g, splits, vec ? V : 1);
+    const unsigned blocks = static_cast<unsigned>(g.C * splits);
+    if (vec)
+      grad_reduce_planar_kernel<T, V><<<blocks, kThreads, 0, env.stream>>>(
+          dy, x, r, relu, g.N, g.C, g.S, splits, pc.pieces, pc.len, st, af, ws.a, ws.b);
+    else
+      grad_reduce_planar_kernel<T, 1><<<blocks, kThreads, 0, env.stream>>>(
+          dy, x, r, relu, g.N, g.C, g.S, splits, pc.pieces, pc.len, st, af, ws.a, ws.b);
+  }
+  ReduceWorkspace<Acc> ws(workspace, splits, g.C);
+  grad_finalize_kernel<Acc><<<static_cast<unsigned>(ceil_div(g.C, kThreads)), kThreads, 0, env.stream>>>(
+      ws.a, ws.b, splits, g.C, st, sum_dy, sum_dy_xhat);
+  return cudaGetLastError();
+}
+
+template <class T>
+cudaError_t launch_grad_input(const Geometry& g, const T* dy, const T* x, ChannelStats<acc_t<T>> st,
+                              Affine<acc_t<T>> af, const T* r, bool relu, bool training, const acc_t<T>* sum_dy,
+                              const acc_t<T>* sum_dy_xhat, int64_t count, T* dx, T* dr, const LaunchEnv& env) {
+  constexpr int V = vec_width<T>();
+  const GradArgs<acc_t<T>> ga{st, af, sum_dy, sum_dy_xhat, count, training};
+  const bool aligned = aligned16(dy) && aligned16(x) && aligned16(r) && aligned16(dx) && aligned16(dr);
+  if (g.channels_last) {
+    const bool vec = g.C % V == 0 && aligned;
+    const ClBlock blk(g.C, vec ? V : 1);
+    const int64_t gy = std::min<int64_t>(kMaxGridY, ceil_div(g.rows(), blk.by));
+    const dim3 grid(static_cast<unsigned>(blk.grid_x), static_cast<unsigned>(gy)), block(blk.bx, blk.by);
+    if (vec) grad_input_cl_kernel<T, V><<<grid, block, 0, env.stream>>>(dy, x, r, relu, g.rows(), g.C, ga, dx, dr);
+    else grad_input_cl_kernel<T, 1><<<grid, block, 0, env.stream>>>(dy, x, r, relu, g.rows(), g.C, ga, dx, dr);
+  } else {
+    const bool vec = g.S % V == 0 && aligned;
+    const PlanarBlock blk(g.N * g.C, g.S, vec ? V : 1);
+    const dim3 grid(static_cast<unsigned>(blk.grid_x), static_cast<unsigned>(blk.grid_y)), block(blk.bx, blk.by);
+    if (vec)
+      grad_input_planar_kernel<T, V><<<grid, block, 0, env.stream>>>(dy, x, r, relu, g.N * g.C, g.C, g.S, ga, dx, dr);
+    else
+      grad_input_planar_kernel<T, 1><<<grid, block, 0, env.stream>>>(dy, x, r, relu, g.N * g.C, g.C, g.S, ga, dx, dr);
+  }
+  return cudaGetLastError();
+}
+
+#define FASTBN_INSTANTIATE_GRAD(T)                                                                                \
+  template cudaError_t launch_grad_reduce<T>(const Geometry&, const T*, const T*, ChannelStats<acc_t<T>>,          \
+                                             Affine<acc_t<T>>, const T*, bool, acc_t<T>*, acc_t<T>*, void*,        \
+                                             const LaunchEnv&);                                                    \
+  template cudaError_t launch_grad_input<T>(const Geometry&, const T*, const T*, ChannelStats<acc_t<T>>,           \
+                                            Affine<acc_t<T>>, const T*, bool, bool, const acc_t<T>*,               \
+                                            const acc_t<T>*, int64_t, T*, T*, const LaunchEnv&);
+FASTBN_INSTANTIATE_GRAD(float)
+FASTBN_INSTANTIATE_GRAD(double)
+FASTBN_INSTANTIATE_GRAD(f16)
+FASTBN_INSTANTIATE_GRAD(bf16)
+
+}  // namespace cuda
+}  // namespace fastbn

@@ -1,0 +1,107 @@
+// Elementwise normalisation: y = (x - mean) * a + b [+ r] [relu], a = invstd * w.
+// Planar: thread (tx, ty) handles positions of plane ty (one channel: its coefficients are
+// computed once per plane), V values a thread. Channels-last: thread tx owns VC channels
+// (coefficients computed once) and walks rows ty, ty + blockDim.y, ...
+#include "common.cuh"
+
+namespace fastbn {
+namespace cuda {
+
+namespace {
+
+template <int V, class T, class Acc>
+__device__ __forceinline__ void affine_vec(const T* __restrict__ x, T* __restrict__ y, const T* __restrict__ r,
+                                           bool relu, const FwdCoef<Acc> (&k)[V], int64_t off) {
+  Acc v[V];
+  load_acc<V>(x + off, v);
+  Acc res[V];
+  if (r) load_acc<V>(r + off, res);
+#pragma unroll
+  for (int i = 0; i < V; ++i) {
+    Acc t = pre_activation(v[i], k[i]);
+    if (r) t += res[i];
+    if (relu) t = t > Acc(0) ? t : Acc(0);
+    v[i] = t;
+  }
+  store_acc<V>(y + off, v);
+}
+
+template <class T, int V>
+__global__ void __launch_bounds__(kThreads)
+    normalize_planar_kernel(const T* __restrict__ x, T* __restrict__ y, const T* __restrict__ r, bool relu,
+                            int64_t planes, int64_t C, int64_t S, ChannelStats<acc_t<T>> st, Affine<acc_t<T>> af) {
+  using Acc = acc_t<T>;
+  for (int64_t p = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; p < planes;
+       p += static_cast<int64_t>(gridDim.y) * blockDim.y) {
+    const FwdCoef<Acc> k1 = forward_coef(st, af, p % C);
+    FwdCoef<Acc> k[V];
+#pragma unroll
+    for (int i = 0; i < V; ++i) k[i] = k1;
+    const int64_t base = p * S;
+    for (int64_t s = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * V; s < S;
+         s += static_cast<int64_t>(gridDim.x) * blockDim.x * V) {
+      affine_vec<V>(x, y, r, relu, k, base + s);
+    }
+  }
+}
+
+template <class T, int VC>
+__global__ void __launch_bounds__(kThreads)
+    normalize_cl_kernel(const T* __restrict__ x, T* __restrict__ y, const T* __restrict__ r, bool relu, int64_t M,
+                        int64_t C, ChannelStats<acc_t<T>> st, Affine<acc_t<T>> af) {
+  using Acc = acc_t<T>;
+  const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VC;
+  if (c0 >= C) return;
+  FwdCoef<Acc> k[VC];
+#pragma unroll
+  for (int i = 0; i < VC; ++i) k[i] = forward_coef(st, af, c0 + i);
+  for (int64_t m = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; m < M;
+       m += static_cast<int64_t>(gridDim.y) * blockDim.y) {
+    affine_vec<VC>(x, y, r, relu, k, m * C + c0);
+  }
+}
+
+template <class T, int V>
+void launch_planar(const Geometry& g, const T* x, T* y, ChannelStats<acc_t<T>> st, Affine<acc_t<T>> af, const T* r,
+                   bool relu, cudaStream_t stream) {
+  const PlanarBlock blk(g.N * g.C, g.S, V);
+  normalize_planar_kernel<T, V><<<dim3(static_cast<unsigned>(blk.grid_x), static_cast<unsigned>(blk.grid_y)),
+                                  dim3(blk.bx, blk.by), 0, stream>>>(x, y, r, relu, g.N * g.C, g.C, g.S, st, af);
+}
+
+template <class T, int VC>
+void launch_cl(const Geometry& g, const T* x, T* y, ChannelStats<acc_t<T>> st, Affine<acc_t<T>> af, const T* r,
+               bool relu, cudaStream_t stream) {
+  const ClBlock blk(g.C, VC);
+  const int64_t gy = std::min<int64_t>(kMaxGridY, ceil_div(g.rows(), blk.by));
+  normalize_cl_kernel<T, VC><<<dim3(static_cast<unsigned>(blk.grid_x), static_cast<unsigned>(gy)),
+                               dim3(blk.bx, blk.by), 0, stream>>>(x, y, r, relu, g.rows(), g.C, st, af);
+}
+
+}  // namespace
+
+template <class T>
+cudaError_t launch_normalize(const Geometry& g, const T* x, T* y, ChannelStats<acc_t<T>> st, Affine<acc_t<T>> af,
+                             const T* r, bool relu, const LaunchEnv& env) {
+  constexpr int V = vec_width<T>();
+  const bool aligned = aligned16(x) && aligned16(y) && aligned16(r);
+  if (g.channels_last) {
+    if (g.C % V == 0 && aligned) launch_cl<T, V>(g, x, y, st, af, r, relu, env.stream);
+    else launch_cl<T, 1>(g, x, y, st, af, r, relu, env.stream);
+  } else {
+    if (g.S % V == 0 && aligned) launch_planar<T, V>(g, x, y, st, af, r, relu, env.stream);
+    else launch_planar<T, 1>(g, x, y, st, af, r, relu, env.stream);
+  }
+  return cudaGetLastError();
+}
+
+#define FASTBN_INSTANTIATE_NORMALIZE(T)                                                                   \
+  template cudaError_t launch_normalize<T>(const Geometry&, const T*, T*, ChannelStats<acc_t<T>>,          \
+                                           Affine<acc_t<T>>, const T*, bool, const LaunchEnv&);
+FASTBN_INSTANTIATE_NORMALIZE(float)
+FASTBN_INSTANTIATE_NORMALIZE(double)
+FASTBN_INSTANTIATE_NORMALIZE(f16)
+FASTBN_INSTANTIATE_NORMALIZE(bf16)
+
+}  // namespace cuda
+}  // namespace fastbn

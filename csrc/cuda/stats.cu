@@ -1,0 +1,217 @@
+// Per-channel batch statistics: a split reduction whose partial Welford states are merged
+// in a fixed order (deterministic, no atomics), for the planar and channels-last layouts.
+//   1. partial kernel: block (channel [tile], split) -> Welford state into the workspace
+//   2. finalize kernel: one thread per channel merges its splits' states (Chan, in double)
+#include "common.cuh"
+
+namespace fastbn {
+namespace cuda {
+
+namespace {
+
+// Welford update with one value.
+template <class Acc> __device__ __forceinline__ void welford_add(WelfordState<Acc>& s, Acc v) {
+  s.n += 1;
+  const Acc d = v - s.mean;
+  s.mean += d / static_cast<Acc>(s.n);
+  s.m2 += d * (v - s.mean);
+}
+
+// Exact statistics of V values, merged into s.
+template <int V, class Acc> __device__ __forceinline__ void welford_add_vec(WelfordState<Acc>& s, const Acc (&v)[V]) {
+  if (V == 1) {
+    welford_add(s, v[0]);
+    return;
+  }
+  Acc sum = 0;
+#pragma unroll
+  for (int i = 0; i < V; ++i) sum += v[i];
+  const Acc mean = sum / static_cast<Acc>(V);
+  Acc m2 = 0;
+#pragma unroll
+  for (int i = 0; i < V; ++i) m2 += (v[i] - mean) * (v[i] - mean);
+  s = chan_merge(s, WelfordState<Acc>{V, mean, m2});
+}
+
+// Planar: block b handles channel c = b / splits, units u = split, split + splits, ... of
+// that channel, where unit u is piece (u % pieces) of plane n = u / pieces.
+template <class T, int V>
+__global__ void __launch_bounds__(kThreads)
+    stats_planar_kernel(const T* __restrict__ x, int64_t N, int64_t C, int64_t S, int64_t splits, int64_t pieces,
+                        int64_t piece_len, int64_t* __restrict__ ws_n, acc_t<T>* __restrict__ ws_mean,
+                        acc_t<T>* __restrict__ ws_m2) {
+  using Acc = acc_t<T>;
+  __shared__ WelfordState<Acc> shared[kThreads / 32];
+  const int64_t c = blockIdx.x / splits;
+  const int64_t split = blockIdx.x % splits;
+  WelfordState<Acc> st{0, Acc(0), Acc(0)};
+  const int64_t units = N * pieces;
+  for (int64_t u = split; u < units; u += splits) {
+    const int64_t n = u / pieces;
+    const int64_t s0 = (u % pieces) * piece_len;
+    const int64_t s1 = min(S, s0 + piece_len);
+    const T* p = x + (n * C + c) * S;
+#pragma unroll 4
+    for (int64_t s = s0 + static_cast<int64_t>(threadIdx.x) * V; s < s1; s += static_cast<int64_t>(blockDim.x) * V) {
+      Acc v[V];
+      load_acc<V>(p + s, v);
+      welford_add_vec<V>(st, v);
+    }
+  }
+  st = block_merge(st, shared);
+  if (threadIdx.x == 0) {
+    const int64_t k = split * C + c;
+    ws_n[k] = st.n;
+    ws_mean[k] = st.mean;
+    ws_m2[k] = st.m2;
+  }
+}
+
+// Channels-last: thread (tx, ty) of block (bx, by) accumulates VC consecutive channels over
+// rows ty + by * blockDim.y + k * gridDim.y * blockDim.y; the block then merges over ty.
+// Dynamic shared memory: blockDim.y * (blockDim.x * VC * 2 Acc + 1 int64).
+template <class T, int VC>
+__global__ void __launch_bounds__(kThreads)
+    stats_cl_kernel(const T* __restrict__ x, int64_t M, int64_t C, int64_t* __restrict__ ws_n,
+                    acc_t<T>* __restrict__ ws_mean, acc_t<T>* __restrict__ ws_m2) {
+  using Acc = acc_t<T>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int bx = blockDim.x, by = blockDim.y, tx = threadIdx.x, ty = threadIdx.y;
+  const int width = bx * VC;
+  Acc* sm_mean = reinterpret_cast<Acc*>(smem);
+  Acc* sm_m2 = sm_mean + by * width;
+  int64_t* sm_n = reinterpret_cast<int64_t*>(sm_m2 + by * width);
+
+  const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * bx + tx) * VC;
+  Acc mean[VC], m2[VC];
+#pragma unroll
+  for (int i = 0; i < VC; ++i) mean[i] = m2[i] = Acc(0);
+  int64_t n = 0;
+  if (c0 < C) {
+    for (int64_t m = static_cast<int64_t>(blockIdx.y) * by + ty; m < M; m += static_cast<int64_t>(gridDim.y) * by) {
+      Acc v[VC];
+      load_acc<VC>(x + m * C + c0, v);
+      n += 1;
+      const Acc inv = Acc(1) / static_cast<Acc>(n);
+#pragma unroll
+      for (int i = 0; i < VC; ++i) {
+        const Acc d = v[i] - mean[i];
+        mean[i] += d * inv;
+        m2[i] += d * (v[i] - mean[i]);
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < VC; ++i) {
+    sm_mean[ty * width + tx * VC + i] = mean[i];
+    sm_m2[ty * width + tx * VC + i] = m2[i];
+  }
+  if (tx == 0) sm_n[ty] = n;
+  __syncthreads();
+  for (int stride = by / 2; stride > 0; stride /= 2) {
+    if (ty < stride) {
+      const int64_t na = sm_n[ty], nb = sm_n[ty + stride];
+#pragma unroll
+      for (int i = 0; i < VC; ++i) {
+        const int j = tx * VC + i;
+        const WelfordState<Acc> r = chan_merge(WelfordState<Acc>{na, sm_mean[ty * width + j], sm_m2[ty * width + j]},
+                                               WelfordState<Acc>{nb, sm_mean[(ty + stride) * width + j],
+                                                                 sm_m2[(ty + stride) * width + j]});
+        sm_mean[ty * width + j] = r.mean;
+        sm_m2[ty * width + j] = r.m2;
+      }
+    }
+    __syncthreads();
+    if (ty < stride && tx == 0) sm_n[ty] = sm_n[ty] + sm_n[ty + stride];
+    __syncthreads();
+  }
+  if (ty == 0 && c0 < C) {
+#pragma unroll
+    for (int i = 0; i < VC; ++i) {
+      const int64_t k = static_cast<int64_t>(blockIdx.y) * C + c0 + i;
+      ws_n[k] = sm_n[0];
+      ws_mean[k] = sm_mean[tx * VC + i];
+      ws_m2[k] = sm_m2[tx * VC + i];
+    }
+  }
+}
+
+// One thread per channel: merge the splits' partial states in order (in double).
+template <class Acc>
+__global__ void stats_finalize_kernel(const int64_t* __restrict__ ws_n, const Acc* __restrict__ ws_mean,
+                                      const Acc* __restrict__ ws_m2, int64_t splits, int64_t C, Acc eps,
+                                      Acc* __restrict__ mean, Acc* __restrict__ var, Acc* __restrict__ invstd) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  WelfordState<double> s{0, 0.0, 0.0};
+  for (int64_t k = 0; k < splits; ++k) {
+    const int64_t i = k * C + c;
+    s = chan_merge(s, WelfordState<double>{ws_n[i], static_cast<double>(ws_mean[i]), static_cast<double>(ws_m2[i])});
+  }
+  const Acc v = static_cast<Acc>(biased_var(s));
+  mean[c] = static_cast<Acc>(s.mean);
+  var[c] = v;
+  if (invstd) invstd[c] = invstd_from_var(v, eps);
+}
+
+template <class T, int V>
+void launch_planar(const Geometry& g, const T* x, ReduceWorkspace<acc_t<T>>& ws, int64_t splits, cudaStream_t stream) {
+  const PlanarPieces pc(g, splits, V);
+  stats_planar_kernel<T, V><<<static_cast<unsigned>(g.C * splits), kThreads, 0, stream>>>(
+      x, g.N, g.C, g.S, splits, pc.pieces, pc.len, ws.n, ws.a, ws.b);
+}
+
+template <class T, int VC>
+void launch_cl(const Geometry& g, const T* x, ReduceWorkspace<acc_t<T>>& ws, int64_t splits, cudaStream_t stream) {
+  const ClBlock blk(g.C, VC);
+  const dim3 grid(static_cast<unsigned>(blk.grid_x), static_cast<unsigned>(splits));
+  const dim3 block(blk.bx, blk.by);
+  const size_t smem = static_cast<size_t>(blk.by) * (blk.bx * VC * 2 * sizeof(acc_t<T>) + sizeof(int64_t));
+  stats_cl_kernel<T, VC><<<grid, block, smem, stream>>>(x, g.rows(), g.C, ws.n, ws.a, ws.b);
+}
+
+}  // namespace
+
+size_t reduce_workspace_bytes(const Geometry& g, int elem_size, bool is_double, int sm_count) {
+  const int v = 16 / elem_size;
+  int64_t splits = planar_splits(g, sm_count);
+  splits = std::max(splits, cl_splits(g, sm_count, 1));
+  splits = std::max(splits, cl_splits(g, sm_count, v));
+  return is_double ? ReduceWorkspace<double>::bytes(splits, g.C) : ReduceWorkspace<float>::bytes(splits, g.C);
+}
+
+template <class T>
+cudaError_t launch_stats(const Geometry& g, const T* x, acc_t<T>* mean, acc_t<T>* var, acc_t<T>* invstd, double eps,
+                         void* workspace, const LaunchEnv& env) {
+  using Acc = acc_t<T>;
+  constexpr int V = vec_width<T>();
+  int64_t splits;
+  if (g.channels_last) {
+    const bool vec = g.C % V == 0 && aligned16(x);
+    splits = cl_splits(g, env.sm_count, vec ? V : 1);
+    ReduceWorkspace<Acc> ws(workspace, splits, g.C);
+    if (vec) launch_cl<T, V>(g, x, ws, splits, env.stream);
+    else launch_cl<T, 1>(g, x, ws, splits, env.stream);
+  } else {
+    const bool vec = g.S % V == 0 && aligned16(x);
+    splits = planar_splits(g, env.sm_count);
+    ReduceWorkspace<Acc> ws(workspace, splits, g.C);
+    if (vec) launch_planar<T, V>(g, x, ws, splits, env.stream);
+    else launch_planar<T, 1>(g, x, ws, splits, env.stream);
+  }
+  ReduceWorkspace<Acc> ws(workspace, splits, g.C);
+  stats_finalize_kernel<Acc><<<static_cast<unsigned>(ceil_div(g.C, kThreads)), kThreads, 0, env.stream>>>(
+      ws.n, ws.a, ws.b, splits, g.C, static_cast<Acc>(eps), mean, var, invstd);
+  return cudaGetLastError();
+}
+
+#define FASTBN_INSTANTIATE_STATS(T)                                                                          \
+  template cudaError_t launch_stats<T>(const Geometry&, const T*, acc_t<T>*, acc_t<T>*, acc_t<T>*, double, void*, \
+                                       const LaunchEnv&);
+FASTBN_INSTANTIATE_STATS(float)
+FASTBN_INSTANTIATE_STATS(double)
+FASTBN_INSTANTIATE_STATS(f16)
+FASTBN_INSTANTIATE_STATS(bf16)
+
+}  // namespace cuda
+}  // namespace fastbn
