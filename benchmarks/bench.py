@@ -82,7 +82,7 @@ _COMPILED = {}  # (device, kind, shape, dtype, layout, mode) -> torch.compile'd 
 
 
 class CaseSkipped(Exception):
-    """The case cannot run here (PyTorch itself fails on it, or it does not fit in memory)."""
+    """The case cannot be compared here: PyTorch itself fails on it."""
 
 
 @dataclass(frozen=True)
@@ -131,15 +131,19 @@ def fastbn_factory(kind, num_features, **kwargs):
     return FASTBN[kind](num_features, **kwargs)
 
 
+def _kind(shape):
+    """1, 2 or 3 for BatchNorm1d/2d/3d: (N, C) is BatchNorm1d, (N, C, *k spatial) BatchNorm{k}d."""
+    return 1 if len(shape) == 2 else len(shape) - 2
+
+
 def _case_name(shape):
-    kind = 1 if len(shape) == 2 else len(shape) - 2
-    return f"bn{kind}d-" + "x".join(map(str, shape))
+    return f"bn{_kind(shape)}d-" + "x".join(map(str, shape))
 
 
 def build_cases(device, quick=False, filters=None):
     """The case grid for `device` ("cuda" or "cpu"), the small --quick grid when `quick`.
 
-    `filters` (optional dict): "dtypes" (list of DTYPES keys), "layouts" (list of LAYOUTS),
+    `filters` (optional dict): "dtypes" (list of DTYPES keys, replacing the grid's), "layouts" (list of LAYOUTS),
     "shapes" (a regular expression, or plain substring, searched in the case name such as
     "bn2d-8x64x56x56" or "bn1d-4096x512"). 2-D (BatchNorm1d) inputs run once, as "nchw".
     """
@@ -149,7 +153,7 @@ def build_cases(device, quick=False, filters=None):
     else:
         batches, extra, dtypes = GRIDS[device]
         shapes = [(n,) + chw for n in batches for chw in RESNET50_CHW] + extra + BN1D_SHAPES
-    dtypes = [d for d in dtypes if d in filters["dtypes"]] if filters.get("dtypes") else list(dtypes)
+    dtypes = filters.get("dtypes") or dtypes
     layouts = filters.get("layouts") or LAYOUTS
     pattern = filters.get("shapes")
     cases = []
@@ -160,7 +164,7 @@ def build_cases(device, quick=False, filters=None):
                 continue
             for layout in LAYOUTS:
                 if layout in layouts and (layout == "nchw" or len(shape) > 2):
-                    cases.append(Case(name, 1 if len(shape) == 2 else len(shape) - 2, tuple(shape), dtype, layout, device))
+                    cases.append(Case(name, _kind(shape), tuple(shape), dtype, layout, device))
     return cases
 
 
@@ -233,14 +237,41 @@ def _run_for_check(module, mode, x, dy):
     return out
 
 
+def _mismatch(case, actual, expected):
+    """None when `actual` matches `expected` (dicts from _run_for_check) within the case's
+    tolerances, else a one-line description of the first mismatch."""
+    rtol, atol = TOLERANCES[case.torch_dtype]
+    reduction_atol = atol * max(1.0, math.sqrt(case.reduction_size) / 8)
+    for what, want in expected.items():
+        got = actual[what]
+        if got is None:
+            return f"{what}: missing"
+        if what == "num_batches_tracked":
+            tol = {"rtol": 0, "atol": 0}
+        elif what in ("weight grad", "bias grad"):
+            tol = {"rtol": rtol, "atol": reduction_atol}
+        else:
+            tol = {"rtol": rtol, "atol": atol}
+        try:
+            torch.testing.assert_close(got, want.to(got.dtype), **tol)
+        except AssertionError as e:
+            details = [line.strip() for line in str(e).splitlines() if line.strip()][1:4]
+            return f"{what}: " + "; ".join(details)
+    return None
+
+
 def check_case(case, mode, impl_factory=fastbn_factory, seed=0):
     """Compares the implementation built by `impl_factory` with torch eager on one input.
 
     Checks the output, and for "fwdbwd" the input, weight and bias gradients, plus the
-    running statistics after the call. Returns None when everything matches within the
-    tolerances, else a one-line description of the first mismatch (or of the exception the
-    implementation raised). Raises CaseSkipped when torch eager itself cannot run the case,
-    torch.OutOfMemoryError when the case does not fit.
+    running statistics after the call. Where they differ beyond the tolerances, a float64
+    run of torch BatchNorm on the same data decides: the implementation passes if it
+    matches that (torch eager being the inaccurate one, as its CPU channels_last backward
+    is in float32), else it fails.
+
+    Returns (passed, note): note describes the mismatch (or the exception the implementation
+    raised) in one line, "" when everything matched torch eager. Raises CaseSkipped when
+    torch eager itself cannot run the case, torch.OutOfMemoryError when it does not fit.
     """
     impl, ref = _module_pair(case, mode, impl_factory, seed)
     x = _random_tensor(case, seed)
@@ -256,25 +287,17 @@ def check_case(case, mode, impl_factory=fastbn_factory, seed=0):
     except torch.OutOfMemoryError:
         raise
     except Exception as e:  # noqa: BLE001 - an implementation that raises has no correct result
-        return f"raised {type(e).__name__}: {_first_line(e)}"
-    rtol, atol = TOLERANCES[case.torch_dtype]
-    reduction_atol = atol * max(1.0, math.sqrt(case.reduction_size) / 8)
-    for what, want in expected.items():
-        got = actual[what]
-        if got is None:
-            return f"{what}: missing"
-        if what == "num_batches_tracked":
-            tol = {"rtol": 0, "atol": 0}
-        elif what in ("weight grad", "bias grad"):
-            tol = {"rtol": rtol, "atol": reduction_atol}
-        else:
-            tol = {"rtol": rtol, "atol": atol}
-        try:
-            torch.testing.assert_close(got, want, **tol)
-        except AssertionError as e:
-            details = [line.strip() for line in str(e).splitlines() if line.strip()][1:4]
-            return f"{what}: " + "; ".join(details)
-    return None
+        return False, f"raised {type(e).__name__}: {_first_line(e)}"
+    vs_eager = _mismatch(case, actual, expected)
+    if vs_eager is None:
+        return True, ""
+    exact = TORCH_BN[case.kind](case.num_features, device=case.device, dtype=torch.float64)
+    exact.load_state_dict(_reference_module(case, seed).state_dict())
+    exact.train(mode != "eval")
+    vs_exact = _mismatch(case, actual, _run_for_check(exact, mode, x.double(), dy.double() if dy is not None else None))
+    if vs_exact is None:
+        return True, f"torch eager is off, fastbn matches the float64 reference; vs eager: {vs_eager}"
+    return False, vs_exact
 
 
 def _first_line(e):
@@ -464,9 +487,9 @@ def run_benchmark(cases, modes=MODES, impl_factory=fastbn_factory, reps=10, min_
             row = _new_row(case, mode)
             rows.append(row)
             try:
-                failure = check_case(case, mode, impl_factory)
-                if failure is not None:
-                    row.update(status="FAIL", note=failure)
+                passed, row["note"] = check_case(case, mode, impl_factory)
+                if not passed:
+                    row["status"] = "FAIL"
                     continue
                 impl, ref = _module_pair(case, mode, impl_factory)
                 modules = {"fastbn": impl, "eager": ref}
@@ -488,7 +511,7 @@ def run_benchmark(cases, modes=MODES, impl_factory=fastbn_factory, reps=10, min_
                 row.update(status="SKIP", note=f"torch eager failed while timing: {errors['eager']}")
                 continue
             if "compile" in errors:
-                row["note"] = f"torch.compile failed: {errors['compile']}"
+                row["note"] = "; ".join(filter(None, [row["note"], f"torch.compile failed: {errors['compile']}"]))
                 if not compile_ok:
                     notes.append(f"torch.compile column skipped: compiling failed ({errors['compile']})")
                     compile_policy = "none"

@@ -6,9 +6,14 @@
 """
 from . import functional
 from ._ops import ops
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .convert import convert
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
+from .sync import SyncBatchNorm
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "functional", "ops", "cpu_isa", "built_with_cuda"]
+__all__ = [
+    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d",
+    "SyncBatchNorm", "convert", "functional", "ops", "cpu_isa", "built_with_cuda",
+]
 
 
 def cpu_isa():

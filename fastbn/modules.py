@@ -1,6 +1,10 @@
 """Drop-in modules: ``fastbn.BatchNorm1d/2d/3d`` subclass ``torch.nn.BatchNorm1d/2d/3d``
 (same constructor, parameters, buffers, ``state_dict``, ``repr``; ``isinstance`` checks
-against torch's classes still hold) and run forward/backward on fastbn's kernels."""
+against torch's classes still hold) and run forward/backward on fastbn's kernels.
+
+``fastbn.BatchNormAct1d/2d/3d`` add a fused ``relu(bn(x) + residual)``; they subclass
+torch's ``_BatchNorm`` (not ``BatchNorm2d``, so code that folds plain BatchNorm layers into
+convolutions does not mistake them for one) and keep the same state_dict keys."""
 import torch
 
 from . import functional as _F
@@ -55,3 +59,41 @@ class BatchNorm3d(torch.nn.BatchNorm3d):
 
     def forward(self, input):
         return _forward(self, input)
+
+
+class _BatchNormAct(torch.nn.modules.batchnorm._BatchNorm):
+    """BatchNorm followed by ``activation`` (``"relu"`` or ``None``), with an optional residual
+    added before it, all inside fastbn's normalisation pass: ``forward(x, residual=None)``
+    returns ``act(bn(x) + residual)``. The backward pass does not keep the output: the relu
+    mask is recomputed from the input and the saved statistics."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, device=None,
+                 dtype=None, *, activation="relu", **kwargs):
+        if activation not in (None, "relu"):
+            raise ValueError(f"fastbn: activation must be None or 'relu', got {activation!r}")
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs)
+        self.activation = activation
+
+    def forward(self, input, residual=None):
+        return _forward(self, input, residual, self.activation)
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, activation={self.activation!r}"
+
+
+class BatchNormAct1d(_BatchNormAct):
+    """``act(BatchNorm1d(x) + residual)``: input (N, C) or (N, C, L)."""
+
+    _check_input_dim = torch.nn.BatchNorm1d._check_input_dim
+
+
+class BatchNormAct2d(_BatchNormAct):
+    """``act(BatchNorm2d(x) + residual)``: input (N, C, H, W), NCHW or channels_last."""
+
+    _check_input_dim = torch.nn.BatchNorm2d._check_input_dim
+
+
+class BatchNormAct3d(_BatchNormAct):
+    """``act(BatchNorm3d(x) + residual)``: input (N, C, D, H, W)."""
+
+    _check_input_dim = torch.nn.BatchNorm3d._check_input_dim

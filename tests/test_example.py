@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "bn_vs_no_bn.py"
 
@@ -37,9 +38,11 @@ def check_outputs(results, out_dir, stem, epochs):
 
 
 def test_mlp_smoke_with_torch_twin(example, tmp_path):
+    threads = torch.get_num_threads()
     results = example.main(
         ["--epochs", "1", "--subset", "400", "--out-dir", str(tmp_path), "--no-progress", "--compare-torch"]
     )
+    assert torch.get_num_threads() == threads  # main restores the thread count it changed for the run
     saved = check_outputs(results, tmp_path, "bn_vs_no_bn", epochs=1)
     assert saved["settings"]["n_train"] == 400
     assert saved["compare_torch"]["torch_bn"] == "torch.nn.BatchNorm1d"

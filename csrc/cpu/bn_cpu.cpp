@@ -504,10 +504,12 @@ struct CpuBackend {
       const scalar_t* pm = means.data_ptr<scalar_t>();
       const scalar_t* pv = vars.data_ptr<scalar_t>();
       for (int64_t c = 0; c < C; ++c) {
-        WelfordState<scalar_t> s{0, scalar_t(0), scalar_t(0)};
+        WelfordState<Fold> s{0, 0.0, 0.0};
         for (int64_t w = 0; w < W; ++w)
-          s = chan_merge(s, WelfordState<scalar_t>{n[w], pm[w * C + c], pv[w * C + c] * static_cast<scalar_t>(n[w])});
-        finalize_stats(s, eps, mean.data_ptr<scalar_t>(), var.data_ptr<scalar_t>(), invstd.data_ptr<scalar_t>(), c);
+          s = chan_merge(s, WelfordState<Fold>{n[w], static_cast<Fold>(pm[w * C + c]),
+                                               static_cast<Fold>(pv[w * C + c]) * static_cast<Fold>(n[w])});
+        finalize_stats(narrow<scalar_t>(s), eps, mean.data_ptr<scalar_t>(), var.data_ptr<scalar_t>(),
+                       invstd.data_ptr<scalar_t>(), c);
       }
     });
   }

@@ -1,0 +1,59 @@
+"""Worker for the multi-process SyncBatchNorm tests (spawned by test_sync.py): one rank of
+a gloo group trains fastbn.SyncBatchNorm on its slice of a global batch and saves what it
+saw. Every rank builds the same global data from the same seed."""
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def global_data(cfg):
+    """The global batches (inputs, upstream grads) of every step, and the initial state."""
+    g = torch.Generator().manual_seed(cfg["seed"])
+    total = sum(cfg["batch_sizes"])
+    shape = (total, *cfg["feature_shape"])
+    xs = [torch.randn(shape, generator=g) * 2 + 0.5 for _ in range(cfg["steps"] + 1)]
+    gs = [torch.randn(shape, generator=g) for _ in range(cfg["steps"])]
+    C = cfg["feature_shape"][0]
+    state = {"weight": torch.rand(C, generator=g) + 0.5, "bias": torch.randn(C, generator=g)}
+    return xs, gs, state
+
+
+def layout(t, cfg):
+    return t.to(memory_format=torch.channels_last) if cfg.get("channels_last") else t
+
+
+def run(rank, world, init_file, cfg, out_dir):
+    import fastbn
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        xs, gs, state = global_data(cfg)
+        C = cfg["feature_shape"][0]
+        model = fastbn.SyncBatchNorm(C, momentum=cfg["momentum"])
+        with torch.no_grad():
+            model.weight.copy_(state["weight"])
+            model.bias.copy_(state["bias"])
+        fwd = torch.compile(model) if cfg.get("compile") else model
+        lo = sum(cfg["batch_sizes"][:rank])
+        hi = lo + cfg["batch_sizes"][rank]
+        out = {"y": [], "dx": [], "dw": [], "db": [], "rm": [], "rv": []}
+        for step in range(cfg["steps"]):
+            x = layout(xs[step][lo:hi].clone(), cfg).requires_grad_()
+            y = fwd(x)
+            y.backward(layout(gs[step][lo:hi].clone(), cfg))
+            out["y"].append(y.detach())
+            out["dx"].append(x.grad)
+            out["dw"].append(model.weight.grad.clone())
+            out["db"].append(model.bias.grad.clone())
+            model.weight.grad = model.bias.grad = None
+            out["rm"].append(model.running_mean.clone())
+            out["rv"].append(model.running_var.clone())
+        model.eval()
+        out["y_eval"] = model(layout(xs[-1][lo:hi].clone(), cfg)).detach()
+        out["nbt"] = int(model.num_batches_tracked)
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
