@@ -120,7 +120,7 @@ void update_running_stats(at::Tensor& running_mean, at::Tensor& running_var, con
   const bool direct = running_mean.scalar_type() == acc && running_var.scalar_type() == acc &&
                       running_mean.is_contiguous() && running_var.is_contiguous();
   if (direct) {
-    K::update_running_stats(running_mean, running_var, mean, var.contiguous(), momentum, count);
+    K::update_running_stats(running_mean, running_var, mean.contiguous(), var.contiguous(), momentum, count);
     return;
   }
   // Other dtype or strides: compute both in the accumulation dtype, then write both back.

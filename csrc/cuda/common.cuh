@@ -16,6 +16,7 @@ constexpr int kThreads = 256;        // threads per block, every kernel
 constexpr int kBlocksPerSM = 4;      // reduction grids aim for this many blocks per SM
 constexpr int64_t kMinPerBlock = 4096;  // values one reduction block handles, at least
 constexpr int kMaxGridY = 65535;
+constexpr int kElemBlocksPerSM = 16;  // elementwise grids: enough blocks to fill each SM, then loop
 
 // Values per 16-byte vector: float 4, double 2, f16/bf16 8.
 template <class T> constexpr int vec_width() { return static_cast<int>(16 / sizeof(T)); }
@@ -58,15 +59,23 @@ struct ClBlock {
   }
 };
 
+// grid.y of an elementwise kernel that needs `rows` thread rows of `by` threads, beside
+// grid_x blocks along x: enough blocks to fill the GPU; the threads loop over the rest, so
+// per-channel coefficients are computed once per thread, not once per vector.
+inline int64_t elementwise_grid_y(int64_t rows, int by, int64_t grid_x, int sm_count) {
+  const int64_t fill = ceil_div(static_cast<int64_t>(std::max(sm_count, 1)) * kElemBlocksPerSM, grid_x);
+  return std::max<int64_t>(1, std::min({ceil_div(rows, by), fill, static_cast<int64_t>(kMaxGridY)}));
+}
+
 // Planar elementwise block: x covers positions in a plane (V values a thread), y covers planes.
 struct PlanarBlock {
   int bx, by;
   int64_t grid_x, grid_y;
-  PlanarBlock(int64_t planes, int64_t S, int v) {
+  PlanarBlock(int64_t planes, int64_t S, int v, int sm_count) {
     bx = next_pow2(ceil_div(S, v));
     by = kThreads / bx;
     grid_x = ceil_div(ceil_div(S, v), bx);
-    grid_y = std::min<int64_t>(kMaxGridY, ceil_div(planes, by));
+    grid_y = elementwise_grid_y(planes, by, grid_x, sm_count);
   }
 };
 
@@ -79,19 +88,37 @@ inline int64_t reduce_splits(const Geometry& g, int sm_count, int64_t channel_gr
 }
 
 // Splits of a reduction over geometry g: planar kernels run C * splits blocks (one channel
-// each); channels-last kernels run grid_x channel tiles * splits row groups.
+// each); channels-last kernels run grid_x channel tiles * splits row groups, each block
+// covering min(C, bx * vc) channels of its rows.
 inline int64_t planar_splits(const Geometry& g, int sm_count) { return reduce_splits(g, sm_count, g.C); }
 inline int64_t cl_splits(const Geometry& g, int sm_count, int vc) {
   const ClBlock blk(g.C, vc);
-  return std::min(reduce_splits(g, sm_count, blk.grid_x), std::max<int64_t>(1, ceil_div(g.rows(), blk.by)));
+  const int64_t target = static_cast<int64_t>(std::max(sm_count, 1)) * kBlocksPerSM;
+  int64_t splits = ceil_div(target, blk.grid_x);
+  splits = std::min(splits, ceil_div(g.rows() * std::min<int64_t>(g.C, blk.bx * vc), kMinPerBlock));
+  splits = std::min(splits, ceil_div(g.rows(), blk.by));
+  return std::max<int64_t>(1, std::min<int64_t>(splits, kMaxGridY));
 }
 
-// Pieces per plane and piece length (a multiple of v) so that N * pieces >= splits.
+// Planar reduction block: x covers positions of a plane (v values a thread), y covers units
+// (planes or plane pieces) of the block's channel, so small planes keep every thread busy.
+struct PlanarReduceBlock {
+  int bx, by;
+  PlanarReduceBlock(int64_t S, int v) {
+    bx = next_pow2(ceil_div(S, v));
+    by = kThreads / bx;
+  }
+};
+
+// Units of a planar reduction: each plane cut into `pieces` pieces of `len` values (a multiple
+// of v), chosen so that the N * pieces units spread evenly over the splits * by unit slots
+// of a channel (at least ~4 units a slot when planes are large enough to cut).
 struct PlanarPieces {
   int64_t pieces, len;
-  PlanarPieces(const Geometry& g, int64_t splits, int v) {
-    const int64_t want = std::max<int64_t>(1, ceil_div(splits, std::max<int64_t>(g.N, 1)));
-    len = ceil_div(ceil_div(g.S, want), v) * v;
+  PlanarPieces(const Geometry& g, int64_t slots, int v) {
+    const int64_t want = std::max<int64_t>(1, ceil_div(4 * slots, std::max<int64_t>(g.N, 1)));
+    const int64_t max_pieces = std::max<int64_t>(1, g.S / std::max<int64_t>(kThreads * v, 1));
+    len = ceil_div(ceil_div(g.S, std::min(want, max_pieces)), v) * v;
     pieces = ceil_div(g.S, len);
   }
 };
@@ -106,25 +133,29 @@ template <class Acc> __device__ __forceinline__ WelfordState<Acc> shfl_down(cons
   return o;
 }
 
-// Merge of a whole (1-D) block's Welford states, in a fixed order. Result valid in thread 0.
+// Flat thread index and count of a (1-D or 2-D) block; warps are consecutive flat indices.
+__device__ __forceinline__ int flat_tid() { return threadIdx.y * blockDim.x + threadIdx.x; }
+__device__ __forceinline__ int flat_threads() { return blockDim.x * blockDim.y; }
+
+// Merge of a whole block's Welford states, in a fixed order. Result valid in flat thread 0.
 // `shared` holds kThreads / 32 states.
 template <class Acc> __device__ WelfordState<Acc> block_merge(WelfordState<Acc> s, WelfordState<Acc>* shared) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int lane = flat_tid() % 32, warp = flat_tid() / 32;
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) s = chan_merge(s, shfl_down(s, off));
   if (lane == 0) shared[warp] = s;
   __syncthreads();
   if (warp == 0) {
-    s = lane < static_cast<int>(blockDim.x / 32) ? shared[lane] : WelfordState<Acc>{0, Acc(0), Acc(0)};
+    s = lane < flat_threads() / 32 ? shared[lane] : WelfordState<Acc>{0, Acc(0), Acc(0)};
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) s = chan_merge(s, shfl_down(s, off));
   }
   return s;
 }
 
-// Sum of two values over a whole (1-D) block, fixed order. Result valid in thread 0.
+// Sum of two values over a whole block, fixed order. Result valid in flat thread 0.
 template <class Acc> __device__ void block_sum2(Acc& a, Acc& b, Acc* shared) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int lane = flat_tid() % 32, warp = flat_tid() / 32;
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) {
     a += __shfl_down_sync(0xffffffffu, a, off);
@@ -136,7 +167,7 @@ template <class Acc> __device__ void block_sum2(Acc& a, Acc& b, Acc* shared) {
   }
   __syncthreads();
   if (warp == 0) {
-    const bool has = lane < static_cast<int>(blockDim.x / 32);
+    const bool has = lane < flat_threads() / 32;
     a = has ? shared[2 * lane] : Acc(0);
     b = has ? shared[2 * lane + 1] : Acc(0);
 #pragma unroll

@@ -61,7 +61,8 @@ __global__ void __launch_bounds__(kThreads)
     s1[i] = s2[i] = Acc(0);
   }
   const int64_t units = N * pieces;
-  for (int64_t u = split; u < units; u += splits) {
+  const int64_t step = splits * blockDim.y;
+  for (int64_t u = split * blockDim.y + threadIdx.y; u < units; u += step) {
     const int64_t n = u / pieces;
     const int64_t s0 = (u % pieces) * piece_len;
     const int64_t s1_end = min(S, s0 + piece_len);
@@ -77,7 +78,7 @@ __global__ void __launch_bounds__(kThreads)
     b += s2[i];
   }
   block_sum2(a, b, shared);
-  if (threadIdx.x == 0) {
+  if (flat_tid() == 0) {
     ws_a[split * C + c] = a;
     ws_b[split * C + c] = b;
   }
@@ -250,13 +251,15 @@ cudaError_t launch_grad_reduce(const Geometry& g, const T* dy, const T* x, Chann
     const bool vec = g.S % V == 0 && aligned;
     splits = planar_splits(g, env.sm_count);
     ReduceWorkspace<Acc> ws(workspace, splits, g.C);
-    const PlanarPieces pc(g, splits, vec ? V : 1);
+    const PlanarReduceBlock blk(g.S, vec ? V : 1);
+    const PlanarPieces pc(g, splits * blk.by, vec ? V : 1);
     const unsigned blocks = static_cast<unsigned>(g.C * splits);
+    const dim3 block(blk.bx, blk.by);
     if (vec)
-      grad_reduce_planar_kernel<T, V><<<blocks, kThreads, 0, env.stream>>>(
+      grad_reduce_planar_kernel<T, V><<<blocks, block, 0, env.stream>>>(
           dy, x, r, relu, g.N, g.C, g.S, splits, pc.pieces, pc.len, st, af, ws.a, ws.b);
     else
-      grad_reduce_planar_kernel<T, 1><<<blocks, kThreads, 0, env.stream>>>(
+      grad_reduce_planar_kernel<T, 1><<<blocks, block, 0, env.stream>>>(
           dy, x, r, relu, g.N, g.C, g.S, splits, pc.pieces, pc.len, st, af, ws.a, ws.b);
   }
   ReduceWorkspace<Acc> ws(workspace, splits, g.C);
@@ -275,13 +278,13 @@ cudaError_t launch_grad_input(const Geometry& g, const T* dy, const T* x, Channe
   if (g.channels_last) {
     const bool vec = g.C % V == 0 && aligned;
     const ClBlock blk(g.C, vec ? V : 1);
-    const int64_t gy = std::min<int64_t>(kMaxGridY, ceil_div(g.rows(), blk.by));
+    const int64_t gy = elementwise_grid_y(g.rows(), blk.by, blk.grid_x, env.sm_count);
     const dim3 grid(static_cast<unsigned>(blk.grid_x), static_cast<unsigned>(gy)), block(blk.bx, blk.by);
     if (vec) grad_input_cl_kernel<T, V><<<grid, block, 0, env.stream>>>(dy, x, r, relu, g.rows(), g.C, ga, dx, dr);
     else grad_input_cl_kernel<T, 1><<<grid, block, 0, env.stream>>>(dy, x, r, relu, g.rows(), g.C, ga, dx, dr);
   } else {
     const bool vec = g.S % V == 0 && aligned;
-    const PlanarBlock blk(g.N * g.C, g.S, vec ? V : 1);
+    const PlanarBlock blk(g.N * g.C, g.S, vec ? V : 1, env.sm_count);
     const dim3 grid(static_cast<unsigned>(blk.grid_x), static_cast<unsigned>(blk.grid_y)), block(blk.bx, blk.by);
     if (vec)
       grad_input_planar_kernel<T, V><<<grid, block, 0, env.stream>>>(dy, x, r, relu, g.N * g.C, g.C, g.S, ga, dx, dr);

@@ -63,19 +63,19 @@ __global__ void __launch_bounds__(kThreads)
 
 template <class T, int V>
 void launch_planar(const Geometry& g, const T* x, T* y, ChannelStats<acc_t<T>> st, Affine<acc_t<T>> af, const T* r,
-                   bool relu, cudaStream_t stream) {
-  const PlanarBlock blk(g.N * g.C, g.S, V);
+                   bool relu, const LaunchEnv& env) {
+  const PlanarBlock blk(g.N * g.C, g.S, V, env.sm_count);
   normalize_planar_kernel<T, V><<<dim3(static_cast<unsigned>(blk.grid_x), static_cast<unsigned>(blk.grid_y)),
-                                  dim3(blk.bx, blk.by), 0, stream>>>(x, y, r, relu, g.N * g.C, g.C, g.S, st, af);
+                                  dim3(blk.bx, blk.by), 0, env.stream>>>(x, y, r, relu, g.N * g.C, g.C, g.S, st, af);
 }
 
 template <class T, int VC>
 void launch_cl(const Geometry& g, const T* x, T* y, ChannelStats<acc_t<T>> st, Affine<acc_t<T>> af, const T* r,
-               bool relu, cudaStream_t stream) {
+               bool relu, const LaunchEnv& env) {
   const ClBlock blk(g.C, VC);
-  const int64_t gy = std::min<int64_t>(kMaxGridY, ceil_div(g.rows(), blk.by));
+  const int64_t gy = elementwise_grid_y(g.rows(), blk.by, blk.grid_x, env.sm_count);
   normalize_cl_kernel<T, VC><<<dim3(static_cast<unsigned>(blk.grid_x), static_cast<unsigned>(gy)),
-                               dim3(blk.bx, blk.by), 0, stream>>>(x, y, r, relu, g.rows(), g.C, st, af);
+                               dim3(blk.bx, blk.by), 0, env.stream>>>(x, y, r, relu, g.rows(), g.C, st, af);
 }
 
 }  // namespace
@@ -86,11 +86,11 @@ cudaError_t launch_normalize(const Geometry& g, const T* x, T* y, ChannelStats<a
   constexpr int V = vec_width<T>();
   const bool aligned = aligned16(x) && aligned16(y) && aligned16(r);
   if (g.channels_last) {
-    if (g.C % V == 0 && aligned) launch_cl<T, V>(g, x, y, st, af, r, relu, env.stream);
-    else launch_cl<T, 1>(g, x, y, st, af, r, relu, env.stream);
+    if (g.C % V == 0 && aligned) launch_cl<T, V>(g, x, y, st, af, r, relu, env);
+    else launch_cl<T, 1>(g, x, y, st, af, r, relu, env);
   } else {
-    if (g.S % V == 0 && aligned) launch_planar<T, V>(g, x, y, st, af, r, relu, env.stream);
-    else launch_planar<T, 1>(g, x, y, st, af, r, relu, env.stream);
+    if (g.S % V == 0 && aligned) launch_planar<T, V>(g, x, y, st, af, r, relu, env);
+    else launch_planar<T, 1>(g, x, y, st, af, r, relu, env);
   }
   return cudaGetLastError();
 }

@@ -33,8 +33,9 @@ template <int V, class Acc> __device__ __forceinline__ void welford_add_vec(Welf
   s = chan_merge(s, WelfordState<Acc>{V, mean, m2});
 }
 
-// Planar: block b handles channel c = b / splits, units u = split, split + splits, ... of
-// that channel, where unit u is piece (u % pieces) of plane n = u / pieces.
+// Planar: block b handles channel c = b / splits. Its thread rows ty take units
+// u = split * by + ty, u += splits * by, where unit u is piece (u % pieces) of plane
+// n = u / pieces; the threads of a row walk the unit's positions, V values each.
 template <class T, int V>
 __global__ void __launch_bounds__(kThreads)
     stats_planar_kernel(const T* __restrict__ x, int64_t N, int64_t C, int64_t S, int64_t splits, int64_t pieces,
@@ -46,7 +47,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t split = blockIdx.x % splits;
   WelfordState<Acc> st{0, Acc(0), Acc(0)};
   const int64_t units = N * pieces;
-  for (int64_t u = split; u < units; u += splits) {
+  const int64_t step = splits * blockDim.y;
+  for (int64_t u = split * blockDim.y + threadIdx.y; u < units; u += step) {
     const int64_t n = u / pieces;
     const int64_t s0 = (u % pieces) * piece_len;
     const int64_t s1 = min(S, s0 + piece_len);
@@ -59,7 +61,7 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   st = block_merge(st, shared);
-  if (threadIdx.x == 0) {
+  if (flat_tid() == 0) {
     const int64_t k = split * C + c;
     ws_n[k] = st.n;
     ws_mean[k] = st.mean;
@@ -156,8 +158,9 @@ __global__ void stats_finalize_kernel(const int64_t* __restrict__ ws_n, const Ac
 
 template <class T, int V>
 void launch_planar(const Geometry& g, const T* x, ReduceWorkspace<acc_t<T>>& ws, int64_t splits, cudaStream_t stream) {
-  const PlanarPieces pc(g, splits, V);
-  stats_planar_kernel<T, V><<<static_cast<unsigned>(g.C * splits), kThreads, 0, stream>>>(
+  const PlanarReduceBlock blk(g.S, V);
+  const PlanarPieces pc(g, splits * blk.by, V);
+  stats_planar_kernel<T, V><<<static_cast<unsigned>(g.C * splits), dim3(blk.bx, blk.by), 0, stream>>>(
       x, g.N, g.C, g.S, splits, pc.pieces, pc.len, ws.n, ws.a, ws.b);
 }
 
