@@ -67,6 +67,7 @@ at::Tensor channel_param(const at::Tensor& t, const char* name, const at::Tensor
   check_same_device(t, name, input);
   TORCH_CHECK(t.numel() == channels, name, " should contain ", channels, " elements not ", t.numel());
   const at::ScalarType acc = acc_dtype(input.scalar_type());
+  if (t.dim() == 1 && t.scalar_type() == acc && t.is_contiguous()) return t;  // the common case: no copy
   TORCH_CHECK(t.scalar_type() == input.scalar_type() || t.scalar_type() == acc, "fastbn: expected ", name,
               " to have dtype ", at::toString(input.scalar_type()),
               (acc != input.scalar_type() ? std::string(" or ") + at::toString(acc) : std::string()),

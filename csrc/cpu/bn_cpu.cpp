@@ -24,9 +24,9 @@ namespace cpu {
 
 namespace {
 
-constexpr int64_t kRunMax = 2048;        // values per planar run (second stats pass from L1)
-constexpr int64_t kBlockValues = 16384;  // values per channels-last row block (from L2)
-constexpr int64_t kMinBlockRows = 32;    // rows per channels-last block, at least (wide rows)
+constexpr int64_t kRunMax = 2048;        // values per planar run (normalised while still in L1/L2)
+constexpr int64_t kBlockValues = 65536;  // values per channels-last row block, about
+constexpr int64_t kMinBlocks = 16;       // channels-last blocks, at least (when there are rows enough)
 constexpr int64_t kMaxLaneTerms = 1024;  // values one vector lane accumulates per block, at most
 constexpr int64_t kTaskValues = 32768;   // values per parallel task, at least
 
@@ -80,9 +80,12 @@ struct RowBlocks {
   RowBlocks(const Geometry& g, int lanes) : M(g.rows()), C(g.C) {
     L = std::lcm<int64_t>(C, lanes);
     const int64_t P = L / C;
-    // Rows per block: about kBlockValues values, but each vector lane sums at most
-    // kMaxLaneTerms values of the block (P rows per period) to bound rounding error.
-    const int64_t target = std::max<int64_t>(kMinBlockRows, std::min<int64_t>(kBlockValues / C, kMaxLaneTerms * P));
+    // Rows per block: about kBlockValues values, at most kMaxLaneTerms periods (the per-lane
+    // sums of the backward stay short), few enough rows for kMinBlocks blocks, and at least
+    // one chunk of 8 periods. Depends on the shape only (results do not depend on threads).
+    int64_t target = std::min<int64_t>(std::max<int64_t>(1, kBlockValues / C), kMaxLaneTerms * P);
+    target = std::min<int64_t>(target, (M + kMinBlocks - 1) / kMinBlocks);
+    target = std::max<int64_t>(target, 8 * P);
     rows = ((target + P - 1) / P) * P;
     count = (M + rows - 1) / rows;
   }
@@ -92,7 +95,7 @@ struct RowBlocks {
   // Replicates a [C] vector to pattern length L.
   template <class Acc> std::vector<Acc> pattern(const std::vector<Acc>& v) const {
     std::vector<Acc> p(L);
-    for (int64_t i = 0; i < L; ++i) p[i] = v[i % C];
+    for (int64_t q = 0; q < L; q += C) std::copy(v.begin(), v.end(), p.begin() + q);
     return p;
   }
 };
@@ -174,6 +177,16 @@ template <class T> struct PlanarDriver {
     return out;
   }
 
+  // Elementwise passes need no per-channel order: walk (n, c) planes in memory order
+  // (streaming, prefetcher-friendly); f(c, offset, run) for each plane.
+  template <class F> void for_all_planes(F&& f) const {
+    const int64_t planes = U.N * U.C;
+    const int64_t grain = std::max<int64_t>(1, kTaskValues / std::max<int64_t>(U.S, 1));
+    at::parallel_for(0, planes, grain, [&](int64_t b, int64_t e) {
+      for (int64_t p = b; p < e; ++p) f(p % U.C, p * U.S, Run{1, U.S, 0});
+    });
+  }
+
   template <class F> void for_all_units(F&& f) const {
     const int64_t n = U.per_channel;
     at::parallel_for(0, U.C * n, U.grain_units(), [&](int64_t b, int64_t e) {
@@ -203,7 +216,9 @@ template <class T> struct PlanarDriver {
     }
     const auto s = stats(x);
     for (int64_t c = 0; c < U.C; ++c) finalize_stats(s[c], o.eps, m, v, is, c);
-    for_all_units([&](int64_t c, int64_t u) { unit_affine(x, yp, r, o.relu, c, u, forward_coef(st, af, c)); });
+    for_all_planes([&](int64_t c, int64_t off, Run run) {
+      K.run_affine(x + off, yp + off, run, forward_coef(st, af, c), r ? r + off : nullptr, o.relu);
+    });
   }
 
   void normalize(const Operands& o, at::Tensor& y) const {
@@ -211,7 +226,9 @@ template <class T> struct PlanarDriver {
     const T* r = cptr<T>(o.residual);
     T* yp = mptr<T>(y);
     ChannelView<Acc> cv(o);
-    for_all_units([&](int64_t c, int64_t u) { unit_affine(x, yp, r, o.relu, c, u, cv.fwd(c)); });
+    for_all_planes([&](int64_t c, int64_t off, Run run) {
+      K.run_affine(x + off, yp + off, run, cv.fwd(c), r ? r + off : nullptr, o.relu);
+    });
   }
 
   void backward(const Operands& o, const at::Tensor& dy_t, bool training, bool sums, at::Tensor& sum_dy,
@@ -267,7 +284,12 @@ template <class T> struct PlanarDriver {
       }
     }
     if (elementwise) {
-      for_all_units([&](int64_t c, int64_t u) { unit_grad(dy, x, r, o.relu, c, u, coef(c), cv.fwd(c), dx, dr); });
+      std::vector<BwdCoef<Acc>> gk(U.C);
+      for (int64_t c = 0; c < U.C; ++c) gk[c] = coef(c);
+      for_all_planes([&](int64_t c, int64_t off, Run run) {
+        K.run_grad_input(dy + off, x + off, run, gk[c], cv.fwd(c), r ? r + off : nullptr, o.relu,
+                         dx ? dx + off : nullptr, dr ? dr + off : nullptr);
+      });
     }
   }
 
@@ -279,8 +301,9 @@ template <class T> struct PlanarDriver {
     T* dx = mptr<T>(dx_t);
     T* dr = mptr<T>(dr_t);
     ChannelView<Acc> cv(o);
-    for_all_units([&](int64_t c, int64_t u) {
-      unit_grad(dy, x, r, o.relu, c, u, backward_coef(cv.st, cv.af, c, true, sdy[c], sdx[c], count), cv.fwd(c), dx, dr);
+    for_all_planes([&](int64_t c, int64_t off, Run run) {
+      K.run_grad_input(dy + off, x + off, run, backward_coef(cv.st, cv.af, c, true, sdy[c], sdx[c], count), cv.fwd(c),
+                       r ? r + off : nullptr, o.relu, dx ? dx + off : nullptr, dr ? dr + off : nullptr);
     });
   }
 };
@@ -295,7 +318,7 @@ template <class T> struct RowsDriver {
 
   template <class F> void for_all_blocks(F&& f) const {
     at::parallel_for(0, B.count, B.grain_blocks(), [&](int64_t b, int64_t e) {
-      std::vector<Acc> scratch(4 * B.L);
+      std::vector<Acc> scratch(4 * B.L);  // rows_stats needs 2 * L, rows_grad_sums 4 * L
       for (int64_t i = b; i < e; ++i) f(i, scratch.data());
     });
   }

@@ -1,4 +1,5 @@
 // CPU kernels compiled for the baseline x86-64 / any-CPU instruction set.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 

@@ -23,7 +23,7 @@ template <class T> struct Kernels {
                         Acc& sum_dy_xmu);
   void (*run_grad_input)(const T* dy, const T* x, Run run, BwdCoef<Acc> g, FwdCoef<Acc> k, const T* r, bool relu,
                          T* dx, T* dr);
-  // scratch: 3 * L accumulators (rows_stats), 4 * L (rows_grad_sums).
+  // scratch: 2 * L accumulators (rows_stats), 4 * L (rows_grad_sums).
   void (*rows_stats)(const T* x, int64_t rows, int64_t C, int64_t L, Acc* mean, Acc* m2, Acc* scratch);
   void (*rows_affine)(const T* x, T* y, int64_t rows, int64_t C, int64_t L, const Acc* mean, const Acc* a,
                       const Acc* b, const T* r, bool relu);

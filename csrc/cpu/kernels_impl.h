@@ -18,58 +18,90 @@ using std::int64_t;
 // A run is `nseg` segments of `len` contiguous values of one channel, `stride` values apart
 // (consecutive planes of a channel, or a piece of one plane when nseg == 1).
 
-// Exact two-pass statistics of a run (a run is meant to fit in L1/L2: <= kRunMax values).
+// Lane-wise Welford state: every lane of `mean`/`m2` summarises `n` values. Values arrive in
+// chunks of K <= kChunk vectors; a chunk's statistics are exact (its mean, then its centred
+// squares, in registers) and are merged with Chan's formula, so the data is read once.
+constexpr int kChunk = 8;
+
+template <class Acc> struct LaneWelford {
+  using V = Vec<Acc>;
+  V mean = V::zero(), m2 = V::zero();
+  int64_t n = 0;
+
+  static void chunk_stats(const V* v, int K, V& cmean, V& cm2) {
+    V sum = v[0];
+    for (int j = 1; j < K; ++j) sum = sum + v[j];
+    cmean = sum * V::set1(Acc(1) / static_cast<Acc>(K));
+    cm2 = V::zero();
+    for (int j = 0; j < K; ++j) {
+      const V d = v[j] - cmean;
+      cm2 = V::madd(d, d, cm2);
+    }
+  }
+  // Merges a chunk summary (k values a lane) into (mean, m2) with n values a lane.
+  static void merge(V& mean, V& m2, int64_t n, const V& cmean, const V& cm2, int64_t k) {
+    if (n == 0) {
+      mean = cmean;
+      m2 = cm2;
+      return;
+    }
+    const Acc ratio = static_cast<Acc>(k) / static_cast<Acc>(n + k);
+    const Acc cross = static_cast<Acc>(n) * ratio;
+    const V delta = cmean - mean;
+    mean = V::madd(delta, V::set1(ratio), mean);
+    m2 = V::madd(delta * delta, V::set1(cross), m2 + cm2);
+  }
+  void add(const V* v, int K) {
+    V cmean, cm2;
+    chunk_stats(v, K, cmean, cm2);
+    merge(mean, m2, n, cmean, cm2, K);
+    n += K;
+  }
+  // Chan merge of all lanes (equal counts) into one state.
+  WelfordState<Acc> reduce() const {
+    WelfordState<Acc> out{0, Acc(0), Acc(0)};
+    if (n == 0) return out;
+    Acc lm[V::W], lm2[V::W];
+    mean.lanes(lm);
+    m2.lanes(lm2);
+    for (int i = 0; i < V::W; ++i) out = chan_merge(out, WelfordState<Acc>{n, lm[i], lm2[i]});
+    return out;
+  }
+};
+
+template <class Acc> inline void welford_add(WelfordState<Acc>& s, Acc v) {
+  s.n += 1;
+  const Acc d = v - s.mean;
+  s.mean += d / static_cast<Acc>(s.n);
+  s.m2 = smadd(d, v - s.mean, s.m2);
+}
+
+// Statistics of a run, reading it once (lane-wise chunked Welford, exact within chunks).
 template <class T>
 WelfordState<acc_t<T>> run_stats(const T* x, Run run) {
   using Acc = acc_t<T>;
   using V = Vec<Acc>;
   constexpr int W = V::W;
   const int64_t len = run.len;
-  WelfordState<Acc> out{run.nseg * len, Acc(0), Acc(0)};
-  if (out.n <= 0) return out;
-  V s0 = V::zero(), s1 = V::zero(), s2 = V::zero(), s3 = V::zero();
-  Acc sum = 0;
+  LaneWelford<Acc> lanes;
+  WelfordState<Acc> tail{0, Acc(0), Acc(0)};
+  V v[kChunk];
   for (int64_t k = 0; k < run.nseg; ++k) {
     const T* p = x + k * run.stride;
     int64_t i = 0;
-    for (; i + 4 * W <= len; i += 4 * W) {
-      s0 = s0 + V::load(p + i);
-      s1 = s1 + V::load(p + i + W);
-      s2 = s2 + V::load(p + i + 2 * W);
-      s3 = s3 + V::load(p + i + 3 * W);
+    for (; i + kChunk * W <= len; i += kChunk * W) {
+      for (int j = 0; j < kChunk; ++j) v[j] = V::load(p + i + j * W);
+      lanes.add(v, kChunk);
     }
-    for (; i + W <= len; i += W) s0 = s0 + V::load(p + i);
-    for (; i < len; ++i) sum += to_acc(p[i]);
+    const int rest = static_cast<int>((len - i) / W);
+    if (rest > 0) {
+      for (int j = 0; j < rest; ++j) v[j] = V::load(p + i + j * W);
+      lanes.add(v, rest);
+      i += rest * W;
+    }
+    for (; i < len; ++i) welford_add(tail, to_acc(p[i]));
   }
-  sum += hsum((s0 + s1) + (s2 + s3));
-  const Acc mean = sum / static_cast<Acc>(out.n);
-
-  const V vm = V::set1(mean);
-  s0 = V::zero(), s1 = V::zero(), s2 = V::zero(), s3 = V::zero();
-  Acc m2 = 0;
-  for (int64_t k = 0; k < run.nseg; ++k) {
-    const T* p = x + k * run.stride;
-    int64_t i = 0;
-    for (; i + 4 * W <= len; i += 4 * W) {
-      const V d0 = V::load(p + i) - vm, d1 = V::load(p + i + W) - vm;
-      const V d2 = V::load(p + i + 2 * W) - vm, d3 = V::load(p + i + 3 * W) - vm;
-      s0 = V::madd(d0, d0, s0);
-      s1 = V::madd(d1, d1, s1);
-      s2 = V::madd(d2, d2, s2);
-      s3 = V::madd(d3, d3, s3);
-    }
-    for (; i + W <= len; i += W) {
-      const V d = V::load(p + i) - vm;
-      s0 = V::madd(d, d, s0);
-    }
-    for (; i < len; ++i) {
-      const Acc d = to_acc(p[i]) - mean;
-      m2 = smadd(d, d, m2);
-    }
-  }
-  out.mean = mean;
-  out.m2 = m2 + hsum((s0 + s1) + (s2 + s3));
-  return out;
+  return chan_merge(lanes.reduce(), tail);
 }
 
 // y = (x - mean) * a + b [+ r] [relu], one channel. y and r are laid out like x.
@@ -200,21 +232,36 @@ void run_grad_input(const T* dy, const T* x, Run run, BwdCoef<acc_t<T>> g, FwdCo
 
 // ------------------------------------------------------------------ rows (channels last)
 
+// Folds a pattern (length L = P * C; position q * C + c holds channel c) into per-channel
+// sums out[c] = sum over q of pat[q * C + c] (no division per position).
+template <class Acc> inline void fold_pattern(const Acc* pat, int64_t L, int64_t C, Acc* out) {
+  for (int64_t c = 0; c < C; ++c) out[c] = pat[c];
+  for (int64_t q = C; q < L; q += C)
+    for (int64_t c = 0; c < C; ++c) out[c] += pat[q + c];
+}
+
+// Row kernels walk pattern positions in tiles of kTile so that the per-channel patterns and
+// accumulators of a tile stay in L2 while all the block's rows stream past (only very wide
+// rows are cut: a tile narrower than a page would defeat the hardware prefetcher). kTile is
+// a multiple of every vector width.
+constexpr int64_t kTile = 8192;
+
 // Cascade summation over the periods of a block: `fresh` collects up to kCascade periods,
 // then is added into `total` (rounding error grows with kCascade + periods / kCascade
 // instead of with the number of periods).
 constexpr int64_t kCascade = 16;
 
-template <class Acc> inline void cascade_flush(Acc* total, Acc* fresh, int64_t L) {
+template <class Acc> inline void cascade_flush(Acc* total, Acc* fresh, int64_t p0, int64_t p1) {
   using V = Vec<Acc>;
-  for (int64_t p = 0; p < L; p += V::W) {
+  for (int64_t p = p0; p < p1; p += V::W) {
     (V::load(total + p) + V::load(fresh + p)).store(total + p);
     V::zero().store(fresh + p);
   }
 }
 
-// Two-pass per-channel statistics of a block: mean[c], m2[c] over `rows` rows (rows >= 1).
-// scratch: 3 * L accumulators.
+// Per-channel statistics of a block: mean[c] and m2[c] over `rows` rows (rows >= 1), reading
+// the block once: each pattern position keeps a lane-wise Welford state over chunks of up to
+// kChunk periods; positions of the same channel are merged at the end. scratch: 2 * L.
 template <class T>
 void rows_stats(const T* x, int64_t rows, int64_t C, int64_t L, acc_t<T>* mean, acc_t<T>* m2, acc_t<T>* scratch) {
   using Acc = acc_t<T>;
@@ -222,46 +269,40 @@ void rows_stats(const T* x, int64_t rows, int64_t C, int64_t L, acc_t<T>* mean, 
   constexpr int W = V::W;
   const int64_t P = L / C;
   const int64_t periods = rows / P;
-  const int64_t flat_end = periods * L;
-  Acc* total = scratch;        // [L]
-  Acc* fresh = scratch + L;    // [L]
-  Acc* mpat = scratch + 2 * L;  // [L] mean replicated
-  for (int64_t p = 0; p < L; ++p) total[p] = fresh[p] = Acc(0);
-  for (int64_t k = 0; k < periods; ++k) {
-    const T* xs = x + k * L;
-    for (int64_t p = 0; p < L; p += W) (V::load(fresh + p) + V::load(xs + p)).store(fresh + p);
-    if ((k + 1) % kCascade == 0) cascade_flush(total, fresh, L);
-  }
-  cascade_flush(total, fresh, L);
-  for (int64_t c = 0; c < C; ++c) mean[c] = Acc(0);
-  for (int64_t p = 0; p < L; ++p) mean[p % C] += total[p];
-  for (int64_t i = flat_end; i < rows * C; ++i) mean[i % C] += to_acc(x[i]);
-  const Acc inv_rows = Acc(1) / static_cast<Acc>(rows);
-  for (int64_t c = 0; c < C; ++c) mean[c] *= inv_rows;
-
-  for (int64_t p = 0; p < L; ++p) {
-    mpat[p] = mean[p % C];
-    total[p] = Acc(0);
-  }
-  for (int64_t k = 0; k < periods; ++k) {
-    const T* xs = x + k * L;
-    for (int64_t p = 0; p < L; p += W) {
-      const V d = V::load(xs + p) - V::load(mpat + p);
-      V::madd(d, d, V::load(fresh + p)).store(fresh + p);
+  Acc* pmean = scratch;    // [L] per-position state, n values each
+  Acc* pm2 = scratch + L;  // [L]
+  int64_t n = 0;
+  V v[kChunk];
+  for (int64_t p0 = 0; p0 < L; p0 += kTile) {
+    const int64_t p1 = std::min(L, p0 + kTile);
+    n = 0;
+    for (int64_t k = 0; k < periods; k += kChunk) {
+      const int K = static_cast<int>(std::min<int64_t>(kChunk, periods - k));
+      const T* xs = x + k * L;
+      for (int64_t p = p0; p < p1; p += W) {
+        for (int j = 0; j < K; ++j) v[j] = V::load(xs + j * L + p);
+        V cmean, cm2;
+        LaneWelford<Acc>::chunk_stats(v, K, cmean, cm2);
+        V sm = n ? V::load(pmean + p) : V::zero(), sm2 = n ? V::load(pm2 + p) : V::zero();
+        LaneWelford<Acc>::merge(sm, sm2, n, cmean, cm2, K);
+        sm.store(pmean + p);
+        sm2.store(pm2 + p);
+      }
+      n += K;
     }
-    if ((k + 1) % kCascade == 0) cascade_flush(total, fresh, L);
   }
-  cascade_flush(total, fresh, L);
-  for (int64_t c = 0; c < C; ++c) m2[c] = Acc(0);
-  for (int64_t p = 0; p < L; ++p) m2[p % C] += total[p];
-  for (int64_t i = flat_end; i < rows * C; ++i) {
-    const Acc d = to_acc(x[i]) - mean[i % C];
-    m2[i % C] = smadd(d, d, m2[i % C]);
+  for (int64_t c = 0; c < C; ++c) {
+    WelfordState<Acc> st{0, Acc(0), Acc(0)};
+    if (n > 0)
+      for (int64_t q = 0; q < L; q += C) st = chan_merge(st, WelfordState<Acc>{n, pmean[q + c], pm2[q + c]});
+    for (int64_t i = periods * L + c; i < rows * C; i += C) welford_add(st, to_acc(x[i]));
+    mean[c] = st.mean;
+    m2[c] = st.m2;
   }
 }
 
 // y = (x - mean) * a + b [+ r] [relu] over a block of rows. mean/a/b: patterns of length L
-// (value of channel p % C at position p).
+// (position q * C + c holds channel c's value).
 template <class T>
 void rows_affine(const T* x, T* y, int64_t rows, int64_t C, int64_t L, const acc_t<T>* mean, const acc_t<T>* a,
                  const acc_t<T>* b, const T* r, bool relu) {
@@ -270,22 +311,26 @@ void rows_affine(const T* x, T* y, int64_t rows, int64_t C, int64_t L, const acc
   constexpr int W = V::W;
   const int64_t P = L / C;
   const int64_t flat_end = (rows / P) * L;
-  for (int64_t base = 0; base < flat_end; base += L) {
-    for (int64_t p = 0; p < L; p += W) {
-      const int64_t i = base + p;
-      V v = V::madd(V::load(x + i) - V::load(mean + p), V::load(a + p), V::load(b + p));
-      if (r) v = v + V::load(r + i);
-      if (relu) v = V::relu(v);
-      v.store(y + i);
+  for (int64_t p0 = 0; p0 < L; p0 += kTile) {
+    const int64_t p1 = std::min(L, p0 + kTile);
+    for (int64_t base = 0; base < flat_end; base += L) {
+      for (int64_t p = p0; p < p1; p += W) {
+        const int64_t i = base + p;
+        V v = V::madd(V::load(x + i) - V::load(mean + p), V::load(a + p), V::load(b + p));
+        if (r) v = v + V::load(r + i);
+        if (relu) v = V::relu(v);
+        v.store(y + i);
+      }
     }
   }
-  for (int64_t i = flat_end; i < rows * C; ++i) {
-    const int64_t c = i % C;
-    Acc v = smadd(to_acc(x[i]) - mean[c], a[c], b[c]);
-    if (r) v += to_acc(r[i]);
-    if (relu) v = v > Acc(0) ? v : Acc(0);
-    y[i] = from_acc<T>(v);
-  }
+  for (int64_t row = flat_end; row < rows * C; row += C)
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t i = row + c;
+      Acc v = smadd(to_acc(x[i]) - mean[c], a[c], b[c]);
+      if (r) v += to_acc(r[i]);
+      if (relu) v = v > Acc(0) ? v : Acc(0);
+      y[i] = from_acc<T>(v);
+    }
 }
 
 // Per-channel sum dy_eff and sum dy_eff * (x - mean) over a block of rows (outputs overwritten).
@@ -305,36 +350,37 @@ void rows_grad_sums(const T* dy, const T* x, int64_t rows, int64_t C, int64_t L,
   Acc* t2 = scratch + 2 * L;
   Acc* f2 = scratch + 3 * L;
   for (int64_t p = 0; p < 4 * L; ++p) scratch[p] = Acc(0);
-  for (int64_t k = 0; k < periods; ++k) {
-    const int64_t base = k * L;
-    for (int64_t p = 0; p < L; p += W) {
-      const int64_t i = base + p;
-      const V vm = V::load(mean + p);
-      const V xv = V::load(x + i);
-      const V g = masked_dy(V::load(dy + i), xv, vm, V::load(a + p), V::load(b + p), r, i, relu);
-      (V::load(f1 + p) + g).store(f1 + p);
-      V::madd(g, xv - vm, V::load(f2 + p)).store(f2 + p);
+  for (int64_t p0 = 0; p0 < L; p0 += kTile) {
+    const int64_t p1 = std::min(L, p0 + kTile);
+    for (int64_t k = 0; k < periods; ++k) {
+      const int64_t base = k * L;
+      for (int64_t p = p0; p < p1; p += W) {
+        const int64_t i = base + p;
+        const V vm = V::load(mean + p);
+        const V xv = V::load(x + i);
+        const V g = relu ? masked_dy(V::load(dy + i), xv, vm, V::load(a + p), V::load(b + p), r, i, true) : V::load(dy + i);
+        (V::load(f1 + p) + g).store(f1 + p);
+        V::madd(g, xv - vm, V::load(f2 + p)).store(f2 + p);
+      }
+      if ((k + 1) % kCascade == 0) {
+        cascade_flush(t1, f1, p0, p1);
+        cascade_flush(t2, f2, p0, p1);
+      }
     }
-    if ((k + 1) % kCascade == 0) {
-      cascade_flush(t1, f1, L);
-      cascade_flush(t2, f2, L);
+    cascade_flush(t1, f1, p0, p1);
+    cascade_flush(t2, f2, p0, p1);
+  }
+  fold_pattern(t1, L, C, sum_dy);
+  fold_pattern(t2, L, C, sum_dy_xmu);
+  for (int64_t row = flat_end; row < rows * C; row += C)
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t i = row + c;
+      const FwdCoef<Acc> k{mean[c], a[c], b[c]};
+      const Acc xv = to_acc(x[i]);
+      const Acc g = masked_dy_scalar(to_acc(dy[i]), xv, k, r, i, relu);
+      sum_dy[c] += g;
+      sum_dy_xmu[c] = smadd(g, xv - k.mean, sum_dy_xmu[c]);
     }
-  }
-  cascade_flush(t1, f1, L);
-  cascade_flush(t2, f2, L);
-  for (int64_t c = 0; c < C; ++c) sum_dy[c] = sum_dy_xmu[c] = Acc(0);
-  for (int64_t p = 0; p < L; ++p) {
-    sum_dy[p % C] += t1[p];
-    sum_dy_xmu[p % C] += t2[p];
-  }
-  for (int64_t i = flat_end; i < rows * C; ++i) {
-    const int64_t c = i % C;
-    const FwdCoef<Acc> k{mean[c], a[c], b[c]};
-    const Acc xv = to_acc(x[i]);
-    const Acc g = masked_dy_scalar(to_acc(dy[i]), xv, k, r, i, relu);
-    sum_dy[c] += g;
-    sum_dy_xmu[c] = smadd(g, xv - k.mean, sum_dy_xmu[c]);
-  }
 }
 
 // dx = A * dy_eff + Bm * (x - mean) + D, dr = dy_eff over a block of rows. All per-channel
@@ -348,22 +394,26 @@ void rows_grad_input(const T* dy, const T* x, int64_t rows, int64_t C, int64_t L
   constexpr int W = V::W;
   const int64_t P = L / C;
   const int64_t flat_end = (rows / P) * L;
-  for (int64_t base = 0; base < flat_end; base += L) {
-    for (int64_t p = 0; p < L; p += W) {
-      const int64_t i = base + p;
-      const V vm = V::load(mean + p);
-      const V xv = V::load(x + i);
-      const V d = masked_dy(V::load(dy + i), xv, vm, V::load(a + p), V::load(b + p), r, i, relu);
-      if (dr) d.store(dr + i);
-      if (dx) V::madd(d, V::load(A + p), V::madd(xv - vm, V::load(Bm + p), V::load(D + p))).store(dx + i);
+  for (int64_t p0 = 0; p0 < L; p0 += kTile) {
+    const int64_t p1 = std::min(L, p0 + kTile);
+    for (int64_t base = 0; base < flat_end; base += L) {
+      for (int64_t p = p0; p < p1; p += W) {
+        const int64_t i = base + p;
+        const V vm = V::load(mean + p);
+        const V xv = V::load(x + i);
+        const V d = relu ? masked_dy(V::load(dy + i), xv, vm, V::load(a + p), V::load(b + p), r, i, true) : V::load(dy + i);
+        if (dr) d.store(dr + i);
+        if (dx) V::madd(d, V::load(A + p), V::madd(xv - vm, V::load(Bm + p), V::load(D + p))).store(dx + i);
+      }
     }
   }
-  for (int64_t i = flat_end; i < rows * C; ++i) {
-    const int64_t c = i % C;
-    const FwdCoef<Acc> k{mean[c], a[c], b[c]};
-    const Acc xv = to_acc(x[i]);
-    const Acc d = masked_dy_scalar(to_acc(dy[i]), xv, k, r, i, relu);
-    if (dr) dr[i] = from_acc<T>(d);
-    if (dx) dx[i] = from_acc<T>(smadd(d, A[c], smadd(xv - k.mean, Bm[c], D[c])));
-  }
+  for (int64_t row = flat_end; row < rows * C; row += C)
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t i = row + c;
+      const FwdCoef<Acc> k{mean[c], a[c], b[c]};
+      const Acc xv = to_acc(x[i]);
+      const Acc d = masked_dy_scalar(to_acc(dy[i]), xv, k, r, i, relu);
+      if (dr) dr[i] = from_acc<T>(d);
+      if (dx) dx[i] = from_acc<T>(smadd(d, A[c], smadd(xv - k.mean, Bm[c], D[c])));
+    }
 }
