@@ -14,7 +14,7 @@ as FAIL (never as a time) and makes the exit status non-zero.
     python benchmarks/bench.py --shapes bn1d --dtype bf16 --modes fwdbwd
 
 Output: the table and a summary on stdout, and
-``<out-dir>/<device>-<YYYY-MM-DD>[-<tag>].json``, ``.csv`` and ``.png``.
+``<out-dir>/<device>-<YYYY-MM-DD>[-quick][-<tag>].json``, ``.csv`` and ``.png``.
 See benchmarks/README.md for what each column means.
 """
 import argparse
@@ -23,6 +23,7 @@ import datetime
 import itertools
 import json
 import math
+import os
 import platform
 import re
 import shlex
@@ -252,11 +253,17 @@ def _mismatch(case, actual, expected):
             tol = {"rtol": rtol, "atol": reduction_atol}
         else:
             tol = {"rtol": rtol, "atol": atol}
+        want = want.to(got.dtype)  # a float64 reference, rounded like the result
         try:
-            torch.testing.assert_close(got, want.to(got.dtype), **tol)
-        except AssertionError as e:
-            details = [line.strip() for line in str(e).splitlines() if line.strip()][1:4]
-            return f"{what}: " + "; ".join(details)
+            torch.testing.assert_close(got, want, **tol)
+        except AssertionError:
+            if got.shape != want.shape:
+                return f"{what}: shape {tuple(got.shape)}, expected {tuple(want.shape)}"
+            got, want = got.double(), want.double()
+            bad = ~torch.isclose(got, want, **tol)
+            diff = (got - want).abs().nan_to_num(nan=math.inf)
+            return (f"{what}: {int(bad.sum())}/{bad.numel()} values differ, max abs diff {diff.max().item():.3g} "
+                    f"(allowed: {tol['atol']:.3g} + {tol['rtol']:.3g} * |expected|)")
     return None
 
 
@@ -455,9 +462,10 @@ def run_benchmark(cases, modes=MODES, impl_factory=fastbn_factory, reps=10, min_
     the pct_copy_bw column refers to (measured here when None). Run-wide remarks (such as
     torch.compile being unavailable) are appended to the list `notes` when one is given.
 
-    Row status: "ok"; "FAIL" when the implementation's results do not match torch eager
-    (the note says what differs; no time is reported); "SKIP" when the case cannot run
-    (torch eager fails, or it does not fit in memory).
+    Row status: "ok"; "FAIL" when the implementation's results do not match torch eager (nor,
+    where eager itself is off, a float64 reference; see check_case), or it raises: the note
+    says what differs and no time is reported; "SKIP" when the case cannot run here (torch
+    eager fails, or it does not fit in memory).
     """
     from tqdm import tqdm
 
@@ -738,9 +746,31 @@ def parse_args(argv=None):
                                             "10 on CPU; 20 / 10 with --quick)")
     p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"),
                    help="where the .json, .csv and .png go (default: benchmarks/results)")
-    p.add_argument("--tag", help="appended to the output file names: <device>-<date>-<tag>.*")
+    p.add_argument("--tag", help="appended to the output file names: <device>-<date>[-quick]-<tag>.*")
     p.add_argument("--no-chart", action="store_true", help="do not write the .png chart")
     return p.parse_args(argv)
+
+
+def _cpu_seconds():
+    """(wall time, busy CPU seconds of the whole machine, CPU seconds of this process and its
+    children), or None where /proc/stat is not available."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+    except OSError:
+        return None
+    t = os.times()
+    busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+    return time.perf_counter(), busy, t.user + t.system + t.children_user + t.children_system
+
+
+def _others_cpu_share(start, end):
+    """Fraction of the machine's CPU time that other processes used between two _cpu_seconds()."""
+    if start is None or end is None:
+        return None
+    wall = end[0] - start[0]
+    others = (end[1] - start[1]) - (end[2] - start[2])
+    return max(0.0, others / (wall * (os.cpu_count() or 1)))
 
 
 def _has_triton():
@@ -759,6 +789,8 @@ def main(argv=None):
     if device == "cuda" and not torch.cuda.is_available():
         print("bench.py: --device cuda but no CUDA GPU is visible to torch", file=sys.stderr)
         return 2
+    if device == "cuda" and not fastbn.built_with_cuda():
+        print("warning: this build of fastbn has no CUDA kernels: every row will FAIL", file=sys.stderr)
     cases = build_cases(device, args.quick, {"dtypes": args.dtype, "layouts": args.layout, "shapes": args.shapes})
     if not cases:
         print("bench.py: no case matches the filters", file=sys.stderr)
@@ -790,10 +822,15 @@ def main(argv=None):
           f"{(CUDA_COPY_BYTES if device == 'cuda' else CPU_COPY_BYTES) >> 20} MB, read + write counted)")
     print(f"{len(cases)} cases x {len(args.modes)} modes, >= {reps} reps per row", flush=True)
 
+    cpu_start = _cpu_seconds()
     rows = run_benchmark(cases, modes=args.modes, impl_factory=fastbn_factory, reps=reps, min_time_s=min_time_s,
                          compile_policy=compile_policy, copy_gbps=copy_gbps, notes=notes)
     summary = summarize(rows)
-    header.update(compile=compile_policy, reps=reps, notes=notes)
+    others = _others_cpu_share(cpu_start, _cpu_seconds())
+    if others is not None and others > 0.1 and device == "cpu":
+        notes.append(f"other processes used {100 * others:.0f}% of this machine's CPU time during the run: "
+                     f"the CPU timings are disturbed; re-run when the machine is idle")
+    header.update(compile=compile_policy, reps=reps, other_processes_cpu_share=others, notes=notes)
 
     print()
     print(format_table(rows))
@@ -805,7 +842,8 @@ def main(argv=None):
     print()
     print("\n".join(format_summary(summary)))
 
-    stem = f"{device_label(device)}-{header['date']}" + (f"-{_sanitize(args.tag)}" if args.tag else "")
+    stem = "-".join([device_label(device), header["date"]] + ["quick"] * args.quick
+                     + ([_sanitize(args.tag)] if args.tag else []))
     paths = write_outputs(rows, header, summary, args.out_dir, stem, chart=not args.no_chart)
     print("wrote " + ", ".join(str(p) for p in paths))
     return 1 if summary["fail_count"] else 0

@@ -187,6 +187,11 @@ template <class T> struct PlanarDriver {
     });
   }
 
+  // Channels per task in the channel-per-thread paths: enough values to be worth a thread.
+  int64_t channel_grain() const {
+    return std::max<int64_t>(1, kTaskValues / std::max<int64_t>(U.N * U.S, 1));
+  }
+
   template <class F> void for_all_units(F&& f) const {
     const int64_t n = U.per_channel;
     at::parallel_for(0, U.C * n, U.grain_units(), [&](int64_t b, int64_t e) {
@@ -203,7 +208,7 @@ template <class T> struct PlanarDriver {
     Affine<Acc> af{cptr<Acc>(o.weight), cptr<Acc>(o.bias)};
     const int64_t n = U.per_channel;
     if (channel_per_thread(U.C)) {
-      at::parallel_for(0, U.C, 1, [&](int64_t c0, int64_t c1) {
+      at::parallel_for(0, U.C, channel_grain(), [&](int64_t c0, int64_t c1) {
         for (int64_t c = c0; c < c1; ++c) {
           WelfordState<Fold> s{0, 0.0, 0.0};
           for (int64_t u = 0; u < n; ++u) s = chan_merge(s, widen(unit_stats(x, c, u)));
@@ -248,7 +253,7 @@ template <class T> struct PlanarDriver {
       return backward_coef(cv.st, cv.af, c, training, sums ? sdy[c] : Acc(0), sums ? sdx[c] : Acc(0), m);
     };
     if (channel_per_thread(U.C)) {
-      at::parallel_for(0, U.C, 1, [&](int64_t c0, int64_t c1) {
+      at::parallel_for(0, U.C, channel_grain(), [&](int64_t c0, int64_t c1) {
         for (int64_t c = c0; c < c1; ++c) {
           const FwdCoef<Acc> k = cv.fwd(c);
           if (sums) {
@@ -316,6 +321,9 @@ template <class T> struct RowsDriver {
   RowBlocks B;
   explicit RowsDriver(const Geometry& g) : B(g, kernels<T>().lanes) {}
 
+  // Channels per task when folding the block partials: threads only for large folds.
+  int64_t fold_grain() const { return std::max<int64_t>(256, 4 * kTaskValues / std::max<int64_t>(B.count, 1)); }
+
   template <class F> void for_all_blocks(F&& f) const {
     at::parallel_for(0, B.count, B.grain_blocks(), [&](int64_t b, int64_t e) {
       std::vector<Acc> scratch(4 * B.L);  // rows_stats needs 2 * L, rows_grad_sums 4 * L
@@ -333,7 +341,7 @@ template <class T> struct RowsDriver {
     // Chan merge of the blocks in block order; all channels of a block share its count, so
     // the merge weights are computed once per block and the channel loop vectorises.
     std::vector<Fold> mean(pm.begin(), pm.begin() + C), m2(pm2.begin(), pm2.begin() + C);
-    at::parallel_for(0, C, 256, [&](int64_t c0, int64_t c1) {
+    at::parallel_for(0, C, fold_grain(), [&](int64_t c0, int64_t c1) {
       int64_t n = B.rows_of(0);
       for (int64_t b = 1; b < B.count; ++b) {
         const int64_t nb = B.rows_of(b);
@@ -406,7 +414,7 @@ template <class T> struct RowsDriver {
       K.rows_grad_sums(dy + off, x + off, B.rows_of(b), C, B.L, p.mean.data(), p.a.data(), p.b.data(),
                        r ? r + off : nullptr, o.relu, &p1[b * C], &p2[b * C], scratch);
     });
-    at::parallel_for(0, C, 256, [&](int64_t c0, int64_t c1) {
+    at::parallel_for(0, C, fold_grain(), [&](int64_t c0, int64_t c1) {
       std::vector<Fold> a(p1.begin() + c0, p1.begin() + c1), s(p2.begin() + c0, p2.begin() + c1);
       for (int64_t b = 1; b < B.count; ++b) {
         const Acc* q1 = &p1[b * C];
