@@ -17,7 +17,9 @@ need sklearn scikit-learn
 need tqdm tqdm
 # Build only when the sources changed since the last build made here.
 stamp=$(cat setup.py $(find csrc -type f | sort) | sha1sum | cut -d' ' -f1)
-if ! ls fastbn/_C*.so >/dev/null 2>&1 || [ "$(cat .build-stamp 2>/dev/null)" != "$stamp" ]; then
+here=$("$PY" -c "import os; print(os.path.realpath('fastbn'))")
+installed=$(cd / && "$PY" -c "import os, fastbn; print(os.path.realpath(os.path.dirname(fastbn.__file__)))" 2>/dev/null || true)
+if ! ls fastbn/_C*.so >/dev/null 2>&1 || [ "$(cat .build-stamp 2>/dev/null)" != "$stamp" ] || [ "$installed" != "$here" ]; then
   "$PY" -m pip install -q --no-build-isolation -e .
   echo "$stamp" > .build-stamp
 fi
