@@ -60,6 +60,21 @@ inline Operands prepare(const at::Tensor& input, const Opt& weight, const Opt& b
   return o;
 }
 
+// Per-channel statistics of the operands: (mean, invstd) as given (set_stats), or the running
+// statistics (mean, var) with eps, invstd computed by the kernels (set_running_stats).
+inline void set_stats(Operands& o, const at::Tensor& input, const at::Tensor& mean, const at::Tensor& scale,
+                      const char* mean_name, const char* scale_name) {
+  o.mean = channel_param(mean, mean_name, input, o.g.C);
+  o.scale_src = channel_param(scale, scale_name, input, o.g.C);
+}
+inline void set_running_stats(Operands& o, const at::Tensor& input, const at::Tensor& running_mean,
+                              const at::Tensor& running_var, double eps) {
+  check_eps(eps, /*training=*/false);
+  set_stats(o, input, running_mean, running_var, "running_mean", "running_var");
+  o.src_is_var = true;
+  o.eps = eps;
+}
+
 template <class K>
 Tensor4 forward_train(const at::Tensor& input, const Opt& weight, const Opt& bias, const Opt& residual, double eps,
                       bool relu) {
@@ -83,11 +98,7 @@ template <class K>
 at::Tensor forward_eval(const at::Tensor& input, const at::Tensor& running_mean, const at::Tensor& running_var,
                         const Opt& weight, const Opt& bias, const Opt& residual, double eps, bool relu) {
   Operands o = prepare(input, weight, bias, residual, relu);
-  check_eps(eps, /*training=*/false);
-  o.mean = channel_param(running_mean, "running_mean", input, o.g.C);
-  o.scale_src = channel_param(running_var, "running_var", input, o.g.C);
-  o.src_is_var = true;
-  o.eps = eps;
+  set_running_stats(o, input, running_mean, running_var, eps);
   at::Tensor y = empty_like_canonical(o.x);
   if (o.g.numel() > 0) K::normalize(o, y);
   return y;
@@ -163,8 +174,7 @@ Tensor4 backward_train(const at::Tensor& grad_out, const at::Tensor& input, cons
                        const at::Tensor& save_invstd, const Opt& weight, const Opt& bias, const Opt& residual,
                        bool relu, std::array<bool, 4> mask) {
   Operands o = prepare(input, weight, bias, residual, relu);
-  o.mean = channel_param(save_mean, "save_mean", input, o.g.C);
-  o.scale_src = channel_param(save_invstd, "save_invstd", input, o.g.C);
+  set_stats(o, input, save_mean, save_invstd, "save_mean", "save_invstd");
   return backward_common<K>(o, grad_out, input, /*training=*/true, mask, weight, bias);
 }
 
@@ -173,11 +183,7 @@ Tensor4 backward_eval(const at::Tensor& grad_out, const at::Tensor& input, const
                       const at::Tensor& running_var, const Opt& weight, const Opt& bias, const Opt& residual,
                       double eps, bool relu, std::array<bool, 4> mask) {
   Operands o = prepare(input, weight, bias, residual, relu);
-  check_eps(eps, /*training=*/false);
-  o.mean = channel_param(running_mean, "running_mean", input, o.g.C);
-  o.scale_src = channel_param(running_var, "running_var", input, o.g.C);
-  o.src_is_var = true;
-  o.eps = eps;
+  set_running_stats(o, input, running_mean, running_var, eps);
   return backward_common<K>(o, grad_out, input, /*training=*/false, mask, weight, bias);
 }
 
@@ -228,8 +234,7 @@ template <class K>
 at::Tensor normalize(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& invstd, const Opt& weight,
                      const Opt& bias, const Opt& residual, bool relu) {
   Operands o = prepare(input, weight, bias, residual, relu);
-  o.mean = channel_param(mean, "mean", input, o.g.C);
-  o.scale_src = channel_param(invstd, "invstd", input, o.g.C);
+  set_stats(o, input, mean, invstd, "mean", "invstd");
   at::Tensor y = empty_like_canonical(o.x);
   if (o.g.numel() > 0) K::normalize(o, y);
   return y;
@@ -241,8 +246,7 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& grad_out, c
                                                    const Opt& weight, const Opt& bias, const Opt& residual,
                                                    bool relu) {
   Operands o = prepare(input, weight, bias, residual, relu);
-  o.mean = channel_param(mean, "mean", input, o.g.C);
-  o.scale_src = channel_param(invstd, "invstd", input, o.g.C);
+  set_stats(o, input, mean, invstd, "mean", "invstd");
   at::Tensor dy = like_input(grad_out, "grad_out", input, o.x, o.g);
   TORCH_CHECK(dy.defined(), "fastbn: grad_out is undefined");
   at::Tensor sum_dy = acc_empty(input, o.g.C), sum_dy_xhat = acc_empty(input, o.g.C);
@@ -263,8 +267,7 @@ std::tuple<at::Tensor, at::Tensor> backward_elemt(const at::Tensor& grad_out, co
                                                   const at::Tensor& sum_dy, const at::Tensor& sum_dy_xhat,
                                                   int64_t count, std::array<bool, 2> mask) {
   Operands o = prepare(input, weight, bias, residual, relu);
-  o.mean = channel_param(mean, "mean", input, o.g.C);
-  o.scale_src = channel_param(invstd, "invstd", input, o.g.C);
+  set_stats(o, input, mean, invstd, "mean", "invstd");
   at::Tensor sdy = channel_param(sum_dy, "sum_dy", input, o.g.C);
   at::Tensor sdx = channel_param(sum_dy_xhat, "sum_dy_xhat", input, o.g.C);
   TORCH_CHECK_VALUE(count >= 0, "fastbn: count must be non-negative, got ", count);

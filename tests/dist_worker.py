@@ -21,39 +21,60 @@ def global_data(cfg):
 
 
 def layout(t, cfg):
+    """The tensor on the config's device (cuda:<rank> for NCCL) and in its memory layout."""
+    t = t.to(cfg.get("device", "cpu"))
     return t.to(memory_format=torch.channels_last) if cfg.get("channels_last") else t
+
+
+def train_steps(model, cfg, lo, hi, fwd=None):
+    """Runs cfg["steps"] training steps of `model` (called through `fwd`, default the model
+    itself) on rows lo:hi of the global batches, then one eval step; returns what it saw."""
+    xs, gs, _ = global_data(cfg)
+    fwd = model if fwd is None else fwd
+    out = {"y": [], "dx": [], "dw": [], "db": [], "rm": [], "rv": []}
+    for step in range(cfg["steps"]):
+        x = layout(xs[step][lo:hi].clone(), cfg).requires_grad_()
+        y = fwd(x)
+        y.backward(layout(gs[step][lo:hi].clone(), cfg))
+        out["y"].append(y.detach())
+        out["dx"].append(x.grad)
+        out["dw"].append(model.weight.grad.clone())
+        out["db"].append(model.bias.grad.clone())
+        model.weight.grad = model.bias.grad = None
+        out["rm"].append(model.running_mean.clone())
+        out["rv"].append(model.running_var.clone())
+    model.eval()
+    out["y_eval"] = model(layout(xs[-1][lo:hi].clone(), cfg)).detach()
+    out["nbt"] = int(model.num_batches_tracked)
+    return out
+
+
+def init_model(model, cfg):
+    """Loads the config's initial weight and bias into `model`."""
+    _, _, state = global_data(cfg)
+    with torch.no_grad():
+        model.weight.copy_(state["weight"])
+        model.bias.copy_(state["bias"])
+    return model
 
 
 def run(rank, world, init_file, cfg, out_dir):
     import fastbn
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+    backend = cfg.get("backend", "gloo")
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+        cfg = dict(cfg, device=f"cuda:{rank}")
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
     try:
-        xs, gs, state = global_data(cfg)
-        C = cfg["feature_shape"][0]
-        model = fastbn.SyncBatchNorm(C, momentum=cfg["momentum"])
-        with torch.no_grad():
-            model.weight.copy_(state["weight"])
-            model.bias.copy_(state["bias"])
-        fwd = torch.compile(model) if cfg.get("compile") else model
+        model = init_model(fastbn.SyncBatchNorm(cfg["feature_shape"][0], momentum=cfg["momentum"]), cfg)
+        model.to(cfg.get("device", "cpu"))
         lo = sum(cfg["batch_sizes"][:rank])
         hi = lo + cfg["batch_sizes"][rank]
-        out = {"y": [], "dx": [], "dw": [], "db": [], "rm": [], "rv": []}
-        for step in range(cfg["steps"]):
-            x = layout(xs[step][lo:hi].clone(), cfg).requires_grad_()
-            y = fwd(x)
-            y.backward(layout(gs[step][lo:hi].clone(), cfg))
-            out["y"].append(y.detach())
-            out["dx"].append(x.grad)
-            out["dw"].append(model.weight.grad.clone())
-            out["db"].append(model.bias.grad.clone())
-            model.weight.grad = model.bias.grad = None
-            out["rm"].append(model.running_mean.clone())
-            out["rv"].append(model.running_var.clone())
-        model.eval()
-        out["y_eval"] = model(layout(xs[-1][lo:hi].clone(), cfg)).detach()
-        out["nbt"] = int(model.num_batches_tracked)
+        out = train_steps(model, cfg, lo, hi, torch.compile(model) if cfg.get("compile") else None)
+        out = {k: [t.cpu() for t in v] if isinstance(v, list) else (v.cpu() if torch.is_tensor(v) else v)
+               for k, v in out.items()}
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

@@ -91,5 +91,15 @@ def make_input(shape, dtype, device="cpu", layout="contiguous", scale=2.0, offse
     return x
 
 
+def load_script(path, name):
+    """Imports a script (examples/, benchmarks/) as a module from its file path."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def kind_of(ndim):
     return {2: 1, 3: 1, 4: 2, 5: 3}[ndim]

@@ -1,12 +1,12 @@
 """Smoke tests of benchmarks/bench.py on the CPU: the quick grid end to end (table, JSON, CSV,
 chart), the case grid and filters, and that a wrong implementation is reported as FAIL."""
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_script
 
 BENCH_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
 ROW_COLUMNS = ("case", "dtype", "layout", "mode", "status", "fastbn_ms", "eager_ms", "compile_ms",
@@ -16,10 +16,7 @@ TIME_COLUMNS = ("fastbn_ms", "eager_ms", "compile_ms", "speedup_eager", "speedup
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("fastbn_bench", BENCH_PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(BENCH_PATH, "fastbn_bench")
 
 
 TORCH_BN = {1: torch.nn.BatchNorm1d, 2: torch.nn.BatchNorm2d, 3: torch.nn.BatchNorm3d}

@@ -1,22 +1,19 @@
 """Smoke tests of examples/bn_vs_no_bn.py: short runs of the experiment, and the IDX (MNIST) reader."""
 import gzip
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import load_script
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "bn_vs_no_bn.py"
 
 
 @pytest.fixture(scope="module")
 def example():
-    spec = importlib.util.spec_from_file_location("bn_vs_no_bn", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(EXAMPLE, "bn_vs_no_bn")
 
 
 def check_outputs(results, out_dir, stem, epochs):

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 import torch.multiprocessing as mp
-from dist_worker import global_data, layout, run
+from dist_worker import init_model, run, train_steps
 
 import fastbn
 
@@ -32,28 +32,10 @@ def _spawn(cfg, tmp_path):
 
 
 def _reference(cfg):
-    xs, gs, state = global_data(cfg)
-    C = cfg["feature_shape"][0]
+    """Single-process torch.nn.BatchNorm over the concatenated batch."""
     kind = {1: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm2d, 4: torch.nn.BatchNorm3d}[len(cfg["feature_shape"])]
-    ref = kind(C, momentum=cfg["momentum"])
-    with torch.no_grad():
-        ref.weight.copy_(state["weight"])
-        ref.bias.copy_(state["bias"])
-    out = {"y": [], "dx": [], "dw": [], "db": [], "rm": [], "rv": []}
-    for step in range(cfg["steps"]):
-        x = layout(xs[step].clone(), cfg).requires_grad_()
-        y = ref(x)
-        y.backward(layout(gs[step], cfg))
-        out["y"].append(y.detach())
-        out["dx"].append(x.grad)
-        out["dw"].append(ref.weight.grad.clone())
-        out["db"].append(ref.bias.grad.clone())
-        ref.weight.grad = ref.bias.grad = None
-        out["rm"].append(ref.running_mean.clone())
-        out["rv"].append(ref.running_var.clone())
-    ref.eval()
-    out["y_eval"] = ref(layout(xs[-1].clone(), cfg)).detach()
-    return out
+    ref = init_model(kind(cfg["feature_shape"][0], momentum=cfg["momentum"]), cfg)
+    return train_steps(ref, cfg, 0, sum(cfg["batch_sizes"]))
 
 
 def _compare(ranks, ref, cfg):
@@ -81,6 +63,13 @@ CONFIGS = {
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_sync_batchnorm_matches_full_batch(name, tmp_path):
     cfg = dict(CONFIGS[name], seed=11, steps=3)
+    _compare(_spawn(cfg, tmp_path), _reference(cfg), cfg)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs a GPU per rank: fewer than 2 GPUs visible")
+def test_sync_batchnorm_nccl(tmp_path):
+    cfg = dict(batch_sizes=[3, 6], feature_shape=(8, 4, 4), momentum=0.1, seed=3, steps=3, backend="nccl",
+               channels_last=True)
     _compare(_spawn(cfg, tmp_path), _reference(cfg), cfg)
 
 

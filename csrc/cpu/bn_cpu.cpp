@@ -16,6 +16,7 @@
 #include <numeric>
 #include <vector>
 
+#include "../dispatch.h"
 #include "../op_impl.h"
 #include "kernels.h"
 
@@ -29,13 +30,6 @@ constexpr int64_t kBlockValues = 65536;  // values per channels-last row block, 
 constexpr int64_t kMinBlocks = 16;       // channels-last blocks, at least (when there are rows enough)
 constexpr int64_t kMaxLaneTerms = 1024;  // values one vector lane accumulates per block, at most
 constexpr int64_t kTaskValues = 32768;   // values per parallel task, at least
-
-template <class T> struct Storage { using type = T; };
-template <> struct Storage<at::Half> { using type = f16; };
-template <> struct Storage<at::BFloat16> { using type = bf16; };
-
-template <class T> const T* cptr(const at::Tensor& t) { return t.defined() ? reinterpret_cast<const T*>(t.data_ptr()) : nullptr; }
-template <class T> T* mptr(const at::Tensor& t) { return t.defined() ? reinterpret_cast<T*>(t.data_ptr()) : nullptr; }
 
 bool channel_per_thread(int64_t C) {
   const int64_t nt = at::get_num_threads();
@@ -471,45 +465,37 @@ template <class T> struct RowsDriver {
   }
 };
 
-#define FASTBN_CPU_DISPATCH(DTYPE, NAME, ...)                                        \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, DTYPE, NAME, [&] {       \
-    using T = typename Storage<scalar_t>::type;                                      \
-    using Acc = acc_t<T>;                                                            \
-    (void)sizeof(Acc);                                                               \
-    __VA_ARGS__                                                                      \
-  })
-
 }  // namespace
 
 struct CpuBackend {
   static void batch_stats(const Geometry& g, const at::Tensor& x, at::Tensor& mean, at::Tensor& var) {
-    FASTBN_CPU_DISPATCH(x.scalar_type(), "fastbn_batch_stats", {
+    FASTBN_DISPATCH(x.scalar_type(), "fastbn_batch_stats", {
       const auto s = g.channels_last ? RowsDriver<T>(g).stats(cptr<T>(x)) : PlanarDriver<T>(g).stats(cptr<T>(x));
       for (int64_t c = 0; c < g.C; ++c) finalize_stats(s[c], 0.0, mptr<Acc>(mean), mptr<Acc>(var), (Acc*)nullptr, c);
     });
   }
   static void forward_train(const Operands& o, at::Tensor& y, at::Tensor& mean, at::Tensor& invstd, at::Tensor& var) {
-    FASTBN_CPU_DISPATCH(o.x.scalar_type(), "fastbn_forward_train", {
+    FASTBN_DISPATCH(o.x.scalar_type(), "fastbn_forward_train", {
       if (o.g.channels_last) RowsDriver<T>(o.g).forward_train(o, y, mean, invstd, var);
       else PlanarDriver<T>(o.g).forward_train(o, y, mean, invstd, var);
     });
   }
   static void normalize(const Operands& o, at::Tensor& y) {
-    FASTBN_CPU_DISPATCH(o.x.scalar_type(), "fastbn_normalize", {
+    FASTBN_DISPATCH(o.x.scalar_type(), "fastbn_normalize", {
       if (o.g.channels_last) RowsDriver<T>(o.g).normalize(o, y);
       else PlanarDriver<T>(o.g).normalize(o, y);
     });
   }
   static void backward(const Operands& o, const at::Tensor& dy, bool training, bool sums, at::Tensor& sum_dy,
                        at::Tensor& sum_dy_xhat, at::Tensor& dx, at::Tensor& dr) {
-    FASTBN_CPU_DISPATCH(o.x.scalar_type(), "fastbn_backward", {
+    FASTBN_DISPATCH(o.x.scalar_type(), "fastbn_backward", {
       if (o.g.channels_last) RowsDriver<T>(o.g).backward(o, dy, training, sums, sum_dy, sum_dy_xhat, dx, dr);
       else PlanarDriver<T>(o.g).backward(o, dy, training, sums, sum_dy, sum_dy_xhat, dx, dr);
     });
   }
   static void grad_input(const Operands& o, const at::Tensor& dy, const at::Tensor& sum_dy,
                          const at::Tensor& sum_dy_xhat, int64_t count, at::Tensor& dx, at::Tensor& dr) {
-    FASTBN_CPU_DISPATCH(o.x.scalar_type(), "fastbn_grad_input", {
+    FASTBN_DISPATCH(o.x.scalar_type(), "fastbn_grad_input", {
       const Acc* sdy = cptr<Acc>(sum_dy);
       const Acc* sdx = cptr<Acc>(sum_dy_xhat);
       if (o.g.channels_last) RowsDriver<T>(o.g).grad_input(o, dy, sdy, sdx, count, dx, dr);

@@ -301,6 +301,21 @@ void rows_stats(const T* x, int64_t rows, int64_t C, int64_t L, acc_t<T>* mean, 
   }
 }
 
+// Visits a block of rows: vec(i, p) for every vector of W values at flat offset i (pattern
+// position p), tile by tile, then scalar(i, c) for each value of the last rows % P rows.
+template <int W, class FV, class FS>
+inline void walk_rows(int64_t rows, int64_t C, int64_t L, FV&& vec, FS&& scalar) {
+  const int64_t P = L / C;
+  const int64_t flat_end = (rows / P) * L;
+  for (int64_t p0 = 0; p0 < L; p0 += kTile) {
+    const int64_t p1 = std::min(L, p0 + kTile);
+    for (int64_t base = 0; base < flat_end; base += L)
+      for (int64_t p = p0; p < p1; p += W) vec(base + p, p);
+  }
+  for (int64_t row = flat_end; row < rows * C; row += C)
+    for (int64_t c = 0; c < C; ++c) scalar(row + c, c);
+}
+
 // y = (x - mean) * a + b [+ r] [relu] over a block of rows. mean/a/b: patterns of length L
 // (position q * C + c holds channel c's value).
 template <class T>
@@ -308,29 +323,20 @@ void rows_affine(const T* x, T* y, int64_t rows, int64_t C, int64_t L, const acc
                  const acc_t<T>* b, const T* r, bool relu) {
   using Acc = acc_t<T>;
   using V = Vec<Acc>;
-  constexpr int W = V::W;
-  const int64_t P = L / C;
-  const int64_t flat_end = (rows / P) * L;
-  for (int64_t p0 = 0; p0 < L; p0 += kTile) {
-    const int64_t p1 = std::min(L, p0 + kTile);
-    for (int64_t base = 0; base < flat_end; base += L) {
-      for (int64_t p = p0; p < p1; p += W) {
-        const int64_t i = base + p;
+  walk_rows<V::W>(
+      rows, C, L,
+      [&](int64_t i, int64_t p) {
         V v = V::madd(V::load(x + i) - V::load(mean + p), V::load(a + p), V::load(b + p));
         if (r) v = v + V::load(r + i);
         if (relu) v = V::relu(v);
         v.store(y + i);
-      }
-    }
-  }
-  for (int64_t row = flat_end; row < rows * C; row += C)
-    for (int64_t c = 0; c < C; ++c) {
-      const int64_t i = row + c;
-      Acc v = smadd(to_acc(x[i]) - mean[c], a[c], b[c]);
-      if (r) v += to_acc(r[i]);
-      if (relu) v = v > Acc(0) ? v : Acc(0);
-      y[i] = from_acc<T>(v);
-    }
+      },
+      [&](int64_t i, int64_t c) {
+        Acc v = smadd(to_acc(x[i]) - mean[c], a[c], b[c]);
+        if (r) v += to_acc(r[i]);
+        if (relu) v = v > Acc(0) ? v : Acc(0);
+        y[i] = from_acc<T>(v);
+      });
 }
 
 // Per-channel sum dy_eff and sum dy_eff * (x - mean) over a block of rows (outputs overwritten).
@@ -391,29 +397,21 @@ void rows_grad_input(const T* dy, const T* x, int64_t rows, int64_t C, int64_t L
                      const acc_t<T>* b, const T* r, bool relu, T* dx, T* dr) {
   using Acc = acc_t<T>;
   using V = Vec<Acc>;
-  constexpr int W = V::W;
-  const int64_t P = L / C;
-  const int64_t flat_end = (rows / P) * L;
-  for (int64_t p0 = 0; p0 < L; p0 += kTile) {
-    const int64_t p1 = std::min(L, p0 + kTile);
-    for (int64_t base = 0; base < flat_end; base += L) {
-      for (int64_t p = p0; p < p1; p += W) {
-        const int64_t i = base + p;
+  walk_rows<V::W>(
+      rows, C, L,
+      [&](int64_t i, int64_t p) {
         const V vm = V::load(mean + p);
         const V xv = V::load(x + i);
-        const V d = relu ? masked_dy(V::load(dy + i), xv, vm, V::load(a + p), V::load(b + p), r, i, true) : V::load(dy + i);
+        const V d = relu ? masked_dy(V::load(dy + i), xv, vm, V::load(a + p), V::load(b + p), r, i, true)
+                         : V::load(dy + i);
         if (dr) d.store(dr + i);
         if (dx) V::madd(d, V::load(A + p), V::madd(xv - vm, V::load(Bm + p), V::load(D + p))).store(dx + i);
-      }
-    }
-  }
-  for (int64_t row = flat_end; row < rows * C; row += C)
-    for (int64_t c = 0; c < C; ++c) {
-      const int64_t i = row + c;
-      const FwdCoef<Acc> k{mean[c], a[c], b[c]};
-      const Acc xv = to_acc(x[i]);
-      const Acc d = masked_dy_scalar(to_acc(dy[i]), xv, k, r, i, relu);
-      if (dr) dr[i] = from_acc<T>(d);
-      if (dx) dx[i] = from_acc<T>(smadd(d, A[c], smadd(xv - k.mean, Bm[c], D[c])));
-    }
+      },
+      [&](int64_t i, int64_t c) {
+        const FwdCoef<Acc> k{mean[c], a[c], b[c]};
+        const Acc xv = to_acc(x[i]);
+        const Acc d = masked_dy_scalar(to_acc(dy[i]), xv, k, r, i, relu);
+        if (dr) dr[i] = from_acc<T>(d);
+        if (dx) dx[i] = from_acc<T>(smadd(d, A[c], smadd(xv - k.mean, Bm[c], D[c])));
+      });
 }

@@ -6,6 +6,7 @@
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
+#include "../dispatch.h"
 #include "../op_impl.h"
 #include "cuda_env.h"
 #include "launch.h"
@@ -14,15 +15,6 @@ namespace fastbn {
 namespace cuda {
 
 namespace {
-
-template <class T> struct Storage { using type = T; };
-template <> struct Storage<at::Half> { using type = f16; };
-template <> struct Storage<at::BFloat16> { using type = bf16; };
-
-template <class T> const T* cptr(const at::Tensor& t) {
-  return t.defined() ? reinterpret_cast<const T*>(t.data_ptr()) : nullptr;
-}
-template <class T> T* mptr(const at::Tensor& t) { return t.defined() ? reinterpret_cast<T*>(t.data_ptr()) : nullptr; }
 
 void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "fastbn: CUDA kernel launch failed in ", what, ": ", cudaGetErrorString(err));
@@ -45,14 +37,6 @@ at::Tensor reduce_workspace(const Geometry& g, const at::Tensor& x, const Launch
   return at::empty({static_cast<int64_t>(bytes)}, x.options().dtype(at::kByte));
 }
 
-#define FASTBN_CUDA_DISPATCH(DTYPE, NAME, ...)                                  \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, DTYPE, NAME, [&] {  \
-    using T = typename Storage<scalar_t>::type;                                 \
-    using Acc = acc_t<T>;                                                       \
-    (void)sizeof(Acc);                                                          \
-    __VA_ARGS__                                                                 \
-  })
-
 }  // namespace
 
 struct CudaBackend {
@@ -60,7 +44,7 @@ struct CudaBackend {
     c10::DeviceGuard guard(x.device());
     const LaunchEnv env = current_env();
     at::Tensor ws = reduce_workspace(g, x, env);
-    FASTBN_CUDA_DISPATCH(x.scalar_type(), "fastbn_cuda_batch_stats", {
+    FASTBN_DISPATCH(x.scalar_type(), "fastbn_cuda_batch_stats", {
       check_launch(launch_stats<T>(g, cptr<T>(x), mptr<Acc>(mean), mptr<Acc>(var), nullptr, 0.0, ws.data_ptr(), env),
                    "batch_stats");
     });
@@ -70,7 +54,7 @@ struct CudaBackend {
     c10::DeviceGuard guard(o.x.device());
     const LaunchEnv env = current_env();
     at::Tensor ws = reduce_workspace(o.g, o.x, env);
-    FASTBN_CUDA_DISPATCH(o.x.scalar_type(), "fastbn_cuda_forward_train", {
+    FASTBN_DISPATCH(o.x.scalar_type(), "fastbn_cuda_forward_train", {
       check_launch(launch_stats<T>(o.g, cptr<T>(o.x), mptr<Acc>(mean), mptr<Acc>(var), mptr<Acc>(invstd), o.eps,
                                    ws.data_ptr(), env),
                    "forward_train (statistics)");
@@ -84,7 +68,7 @@ struct CudaBackend {
   static void normalize(const Operands& o, at::Tensor& y) {
     c10::DeviceGuard guard(o.x.device());
     const LaunchEnv env = current_env();
-    FASTBN_CUDA_DISPATCH(o.x.scalar_type(), "fastbn_cuda_normalize", {
+    FASTBN_DISPATCH(o.x.scalar_type(), "fastbn_cuda_normalize", {
       check_launch(launch_normalize<T>(o.g, cptr<T>(o.x), mptr<T>(y), channel_stats<Acc>(o), affine<Acc>(o),
                                        cptr<T>(o.residual), o.relu, env),
                    "normalize");
@@ -95,7 +79,7 @@ struct CudaBackend {
                        at::Tensor& sum_dy_xhat, at::Tensor& dx, at::Tensor& dr) {
     c10::DeviceGuard guard(o.x.device());
     const LaunchEnv env = current_env();
-    FASTBN_CUDA_DISPATCH(o.x.scalar_type(), "fastbn_cuda_backward", {
+    FASTBN_DISPATCH(o.x.scalar_type(), "fastbn_cuda_backward", {
       const ChannelStats<Acc> st = channel_stats<Acc>(o);
       const Affine<Acc> af = affine<Acc>(o);
       if (sums) {
@@ -118,7 +102,7 @@ struct CudaBackend {
                          const at::Tensor& sum_dy_xhat, int64_t count, at::Tensor& dx, at::Tensor& dr) {
     c10::DeviceGuard guard(o.x.device());
     const LaunchEnv env = current_env();
-    FASTBN_CUDA_DISPATCH(o.x.scalar_type(), "fastbn_cuda_grad_input", {
+    FASTBN_DISPATCH(o.x.scalar_type(), "fastbn_cuda_grad_input", {
       check_launch(launch_grad_input<T>(o.g, cptr<T>(dy), cptr<T>(o.x), channel_stats<Acc>(o), affine<Acc>(o),
                                         cptr<T>(o.residual), o.relu, /*training=*/true, cptr<Acc>(sum_dy),
                                         cptr<Acc>(sum_dy_xhat), count, mptr<T>(dx), mptr<T>(dr), env),
