@@ -167,6 +167,14 @@ FASTBN_HD WelfordState<Acc> chan_merge(const WelfordState<Acc>& a, const Welford
   return r;
 }
 
+// Welford update of a state with one value.
+template <class Acc> FASTBN_HD void welford_add(WelfordState<Acc>& s, Acc v) {
+  s.n += 1;
+  const Acc d = v - s.mean;
+  s.mean += d / static_cast<Acc>(s.n);
+  s.m2 = madd(d, v - s.mean, s.m2);
+}
+
 // Biased variance of a merged state; 0 for an empty state.
 template <class Acc> FASTBN_HD Acc biased_var(const WelfordState<Acc>& s) {
   return s.n > 0 ? s.m2 / static_cast<Acc>(s.n) : Acc(0);

@@ -10,16 +10,19 @@ import torch
 from . import functional as _F
 
 
+def running_stats_factor(module):
+    """(tracking, factor): whether this training call updates the running statistics, and
+    the weight of the batch statistics in that update (PyTorch's convention; with
+    momentum=None, the cumulative average over the batches seen, this one included)."""
+    tracking = module.training and module.track_running_stats and module.num_batches_tracked is not None
+    if tracking and module.momentum is None:
+        return tracking, 1.0 / float(module.num_batches_tracked + 1)
+    return tracking, 0.0 if module.momentum is None else module.momentum
+
+
 def _forward(module, input, residual=None, activation=None):
     module._check_input_dim(input)
-    tracking = module.training and module.track_running_stats and module.num_batches_tracked is not None
-    if tracking:
-        if module.momentum is None:  # cumulative moving average over the batches seen
-            factor = 1.0 / float(module.num_batches_tracked + 1)
-        else:
-            factor = module.momentum
-    else:
-        factor = 0.0 if module.momentum is None else module.momentum
+    tracking, factor = running_stats_factor(module)
     # Batch statistics in training, and in eval when no running statistics are kept.
     bn_training = module.training or (module.running_mean is None and module.running_var is None)
     use_buffers = not module.training or module.track_running_stats

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from ._ops import acc_dtype, ops
-from .modules import _forward
+from .modules import _BatchNormAct, _forward, running_stats_factor
 
 
 class _SyncBatchNormFn(torch.autograd.Function):
@@ -73,11 +73,7 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
             world = dist.get_world_size(group)
         if world <= 1:
             return _forward(self, input)
-        tracking = self.track_running_stats and self.num_batches_tracked is not None
-        if tracking and self.momentum is None:
-            factor = 1.0 / float(self.num_batches_tracked + 1)
-        else:
-            factor = 0.0 if self.momentum is None else self.momentum
+        tracking, factor = running_stats_factor(self)
         out = _SyncBatchNormFn.apply(input, self.weight, self.bias, self.running_mean if tracking else None,
                                      self.running_var if tracking else None, self.eps, factor, group, world)
         if tracking:
@@ -94,14 +90,9 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
         def pick(m):
             if isinstance(m, cls):
                 return None
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not _is_fused(m):
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(m, _BatchNormAct):
                 return cls
             return None
 
         return replace_batchnorms(module, pick, process_group=process_group)
 
-
-def _is_fused(m):
-    from .modules import _BatchNormAct
-
-    return isinstance(m, _BatchNormAct)

@@ -181,6 +181,22 @@ template <class T> struct PlanarDriver {
     });
   }
 
+  // y over every plane; k(c) gives channel c's forward coefficients.
+  template <class FK> void affine_planes(const T* x, T* y, const T* r, bool relu, FK&& k) const {
+    for_all_planes([&](int64_t c, int64_t off, Run run) {
+      K.run_affine(x + off, y + off, run, k(c), r ? r + off : nullptr, relu);
+    });
+  }
+
+  // dx / dr over every plane; g(c) and k(c) give channel c's backward and forward coefficients.
+  template <class FG, class FK>
+  void grad_planes(const T* dy, const T* x, const T* r, bool relu, T* dx, T* dr, FG&& g, FK&& k) const {
+    for_all_planes([&](int64_t c, int64_t off, Run run) {
+      K.run_grad_input(dy + off, x + off, run, g(c), k(c), r ? r + off : nullptr, relu, dx ? dx + off : nullptr,
+                       dr ? dr + off : nullptr);
+    });
+  }
+
   // Channels per task in the channel-per-thread paths: enough values to be worth a thread.
   int64_t channel_grain() const {
     return std::max<int64_t>(1, kTaskValues / std::max<int64_t>(U.N * U.S, 1));
@@ -215,9 +231,7 @@ template <class T> struct PlanarDriver {
     }
     const auto s = stats(x);
     for (int64_t c = 0; c < U.C; ++c) finalize_stats(s[c], o.eps, m, v, is, c);
-    for_all_planes([&](int64_t c, int64_t off, Run run) {
-      K.run_affine(x + off, yp + off, run, forward_coef(st, af, c), r ? r + off : nullptr, o.relu);
-    });
+    affine_planes(x, yp, r, o.relu, [&](int64_t c) { return forward_coef(st, af, c); });
   }
 
   void normalize(const Operands& o, at::Tensor& y) const {
@@ -225,9 +239,7 @@ template <class T> struct PlanarDriver {
     const T* r = cptr<T>(o.residual);
     T* yp = mptr<T>(y);
     ChannelView<Acc> cv(o);
-    for_all_planes([&](int64_t c, int64_t off, Run run) {
-      K.run_affine(x + off, yp + off, run, cv.fwd(c), r ? r + off : nullptr, o.relu);
-    });
+    affine_planes(x, yp, r, o.relu, [&](int64_t c) { return cv.fwd(c); });
   }
 
   void backward(const Operands& o, const at::Tensor& dy_t, bool training, bool sums, at::Tensor& sum_dy,
@@ -285,10 +297,7 @@ template <class T> struct PlanarDriver {
     if (elementwise) {
       std::vector<BwdCoef<Acc>> gk(U.C);
       for (int64_t c = 0; c < U.C; ++c) gk[c] = coef(c);
-      for_all_planes([&](int64_t c, int64_t off, Run run) {
-        K.run_grad_input(dy + off, x + off, run, gk[c], cv.fwd(c), r ? r + off : nullptr, o.relu,
-                         dx ? dx + off : nullptr, dr ? dr + off : nullptr);
-      });
+      grad_planes(dy, x, r, o.relu, dx, dr, [&](int64_t c) { return gk[c]; }, [&](int64_t c) { return cv.fwd(c); });
     }
   }
 
@@ -300,10 +309,9 @@ template <class T> struct PlanarDriver {
     T* dx = mptr<T>(dx_t);
     T* dr = mptr<T>(dr_t);
     ChannelView<Acc> cv(o);
-    for_all_planes([&](int64_t c, int64_t off, Run run) {
-      K.run_grad_input(dy + off, x + off, run, backward_coef(cv.st, cv.af, c, true, sdy[c], sdx[c], count), cv.fwd(c),
-                       r ? r + off : nullptr, o.relu, dx ? dx + off : nullptr, dr ? dr + off : nullptr);
-    });
+    grad_planes(
+        dy, x, r, o.relu, dx, dr, [&](int64_t c) { return backward_coef(cv.st, cv.af, c, true, sdy[c], sdx[c], count); },
+        [&](int64_t c) { return cv.fwd(c); });
   }
 };
 

@@ -69,13 +69,6 @@ template <class Acc> struct LaneWelford {
   }
 };
 
-template <class Acc> inline void welford_add(WelfordState<Acc>& s, Acc v) {
-  s.n += 1;
-  const Acc d = v - s.mean;
-  s.mean += d / static_cast<Acc>(s.n);
-  s.m2 = smadd(d, v - s.mean, s.m2);
-}
-
 // Statistics of a run, reading it once (lane-wise chunked Welford, exact within chunks).
 template <class T>
 WelfordState<acc_t<T>> run_stats(const T* x, Run run) {

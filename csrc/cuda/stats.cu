@@ -9,14 +9,6 @@ namespace cuda {
 
 namespace {
 
-// Welford update with one value.
-template <class Acc> __device__ __forceinline__ void welford_add(WelfordState<Acc>& s, Acc v) {
-  s.n += 1;
-  const Acc d = v - s.mean;
-  s.mean += d / static_cast<Acc>(s.n);
-  s.m2 += d * (v - s.mean);
-}
-
 // Exact statistics of V values, merged into s.
 template <int V, class Acc> __device__ __forceinline__ void welford_add_vec(WelfordState<Acc>& s, const Acc (&v)[V]) {
   if (V == 1) {
