@@ -1,6 +1,6 @@
 // The op bodies, written once for every device: checks, layout canonicalisation, output
 // allocation and composition of the backend's passes. Instantiated with CpuBackend in
-// cpu/bn_cpu.cpp and CudaBackend in cuda/bn_cuda_binding.cpp, each registered for its
+// cpu/bn_cpu.cpp and CudaBackend in cuda/cuda_backend.h, each registered for its
 // dispatch key.
 //
 // A Backend provides (all per-channel tensors: accumulation dtype, contiguous, [C]):

@@ -1,65 +1,63 @@
-"""Runs every fastbn CUDA kernel once per variant on small tensors (for compute-sanitizer):
-forward train/eval, running-stat update, backward train/eval, the split ops, for every
-dtype, both layouts, vectorised and scalar paths, with and without relu/residual. Checks
-each result against fastbn's CPU kernels and exits non-zero on a mismatch."""
+"""Runs every fastbn CUDA kernel path on the GPU and compares every op with fastbn's CPU
+kernels: the path matrix of the CPU emulator's tests (tests/cuda_emu/emu_harness.py), i.e.
+every dtype x planar / channels-last x vector / scalar / misaligned (storage offset of one
+element), 2-D to 5-D inputs, reductions split over several blocks and merged, C = 1 to 4096,
+with and without affine parameters, residual and relu. Meant for compute-sanitizer
+(scripts/gpu_check.sh sanitize); exits non-zero on a mismatch.
+
+    python scripts/exercise_kernels.py [--quick] [--no-poison]
+
+--quick      one variant per case (fused add+relu, which reaches every kernel)
+--no-poison  leave outputs and workspaces uninitialised (for initcheck; by default they are
+             filled with NaN / 0xFF, so an unwritten element shows as a mismatch)
+"""
+import argparse
+import os
 import sys
+import time
 
 import torch
 
-import fastbn  # noqa: F401  (registers the ops)
-from fastbn import ops
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+sys.path.insert(0, os.path.join(HERE, "..", "tests", "cuda_emu"))
+import emu_harness as H  # noqa: E402
 
-TOL = {torch.float32: 1e-4, torch.float64: 1e-9, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+import fastbn  # noqa: E402,F401  (registers the ops)
 
 
 def main():
-    if not torch.cuda.is_available():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-poison", action="store_true")
+    ap.add_argument("--device", default="cuda", help="default cuda (cpu runs the same checks on the CPU backend)")
+    a = ap.parse_args()
+    if a.device == "cuda" and not torch.cuda.is_available():
         print("exercise_kernels: no CUDA device")
         return 1
-    torch.manual_seed(0)
-    bad = 0
-    shapes = [((4, 8, 8, 8), False), ((4, 6, 5, 5), False), ((3, 8, 4, 4), True), ((5, 6, 3, 3), True), ((9, 40), False),
-              ((2, 3, 2, 2, 3), True)]
-    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-        acc = torch.float64 if dtype == torch.float64 else torch.float32
-        for shape, cl in shapes:
-            x = torch.randn(shape, dtype=acc).to(dtype)
-            if cl:
-                x = x.to(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
-            C = shape[1]
-            r = torch.randn_like(x)
-            dy = torch.randn_like(x)
-            w, b = torch.rand(C, dtype=acc) + 0.5, torch.randn(C, dtype=acc)
-            rm, rv = torch.randn(C, dtype=acc), torch.rand(C, dtype=acc) + 0.5
-            for relu, res in ((False, None), (True, r)):
-                def run(dev):
-                    t = lambda v: None if v is None else v.to(dev)  # noqa: E731
-                    y, mean, invstd, var = ops.forward_train(t(x), t(w), t(b), t(res), 1e-5, relu)
-                    rm2, rv2 = t(rm).clone(), t(rv).clone()
-                    ops.update_running_stats(rm2, rv2, mean, var, 0.1, x.numel() // C)
-                    ye = ops.forward_eval(t(x), t(rm), t(rv), t(w), t(b), t(res), 1e-5, relu)
-                    gt = ops.backward_train(t(dy), t(x), mean, invstd, t(w), t(b), t(res), relu, [True, True, True, True])
-                    ge = ops.backward_eval(t(dy), t(x), t(rm), t(rv), t(w), t(b), t(res), 1e-5, relu,
-                                           [True, True, True, True])
-                    s1, s2 = ops.backward_reduce(t(dy), t(x), mean, invstd, t(w), t(b), t(res), relu)
-                    gx, gr = ops.backward_elemt(t(dy), t(x), mean, invstd, t(w), t(b), t(res), relu, s1, s2,
-                                                x.numel() // C, [True, True])
-                    m2, v2 = ops.batch_stats(t(x))
-                    mm = ops.merge_stats(t(torch.tensor([3, 5])), torch.stack([m2, m2]), torch.stack([v2, v2]), 1e-5)
-                    yn = ops.normalize(t(x), mean, invstd, t(w), t(b), t(res), relu)
-                    return [y, mean, invstd, var, rm2, rv2, ye, *gt, *ge, s1, s2, gx, gr, m2, v2, *mm, yn]
-
-                cpu, gpu = run("cpu"), run("cuda")
-                torch.cuda.synchronize()
-                for i, (a, e) in enumerate(zip(gpu, cpu)):
-                    if e.numel() == 0:
-                        continue
-                    tol = TOL[e.dtype] * max(1.0, e.abs().max().item())
-                    err = (a.cpu().double() - e.double()).abs().max().item()
-                    if not err <= tol:
-                        bad += 1
-                        print(f"MISMATCH {dtype} {shape} cl={cl} relu={relu} output {i}: {err:.3g} > {tol:.3g}")
-    print(f"exercise_kernels: {'OK' if bad == 0 else f'{bad} mismatches'}")
+    ops = torch.ops.fastbn
+    cases = [c for cs in H.PATHS.values() for c in cs] + [H.Case((2, 4096, 2, 3))]
+    bad = calls = 0
+    t0 = time.time()
+    for dtype in H.DTYPES:
+        for i, case in enumerate(cases):
+            cpu = H.make_inputs(case, dtype, 100 + i)
+            dev = H.make_inputs(case, dtype, 100 + i, a.device)
+            for variant in H.variants(dtype)[1:2] if a.quick else H.variants(dtype):
+                ref = H.reference_stats(cpu, case, variant)
+                expected = H.run_ops(ops, cpu, case, variant, ref)
+                got = H.run_ops(ops, dev, case, variant, [r.to(a.device) for r in ref], poison=not a.no_poison)
+                calls += 13
+                if a.device == "cuda":
+                    torch.cuda.synchronize()
+                what = f"{case.id} {dtype} {variant[0]}"
+                try:
+                    H.compare({k: v.cpu() for k, v in got.items()}, expected, case.count, what)
+                except AssertionError as e:
+                    bad += 1
+                    print(f"MISMATCH {what}: {str(e).splitlines()[0]}", flush=True)
+    print(f"exercise_kernels: {calls} op calls on {len(cases)} cases x {len(H.DTYPES)} dtypes in "
+          f"{time.time() - t0:.0f} s, {'OK' if bad == 0 else f'{bad} mismatches'}")
     return 1 if bad else 0
 
 

@@ -37,7 +37,7 @@ __global__ void merge_stats_kernel(const int64_t* __restrict__ counts, const Acc
 template <class Acc>
 cudaError_t launch_update_running(Acc* running_mean, Acc* running_var, const Acc* mean, const Acc* var,
                                   double momentum, int64_t count, int64_t C, const LaunchEnv& env) {
-  update_running_kernel<Acc><<<static_cast<unsigned>(ceil_div(C, kThreads)), kThreads, 0, env.stream>>>(
+  FASTBN_LAUNCH(static_cast<unsigned>(ceil_div(C, kThreads)), kThreads, 0, env.stream, update_running_kernel<Acc>)(
       running_mean, running_var, mean, var, static_cast<Acc>(momentum), count, C);
   return cudaGetLastError();
 }
@@ -45,7 +45,7 @@ cudaError_t launch_update_running(Acc* running_mean, Acc* running_var, const Acc
 template <class Acc>
 cudaError_t launch_merge_stats(const int64_t* counts, const Acc* means, const Acc* vars, int64_t W, int64_t C,
                                double eps, Acc* mean, Acc* invstd, Acc* var, const LaunchEnv& env) {
-  merge_stats_kernel<Acc><<<static_cast<unsigned>(ceil_div(C, kThreads)), kThreads, 0, env.stream>>>(
+  FASTBN_LAUNCH(static_cast<unsigned>(ceil_div(C, kThreads)), kThreads, 0, env.stream, merge_stats_kernel<Acc>)(
       counts, means, vars, W, C, static_cast<Acc>(eps), mean, invstd, var);
   return cudaGetLastError();
 }

@@ -9,6 +9,22 @@
 #include "../bn_math.h"
 #include "launch.h"
 
+// Kernel launches and shared-memory declarations go through these macros, so that the CPU
+// emulator (tests/cuda_emu, which defines its own versions first) runs the same sources:
+//   FASTBN_LAUNCH(grid, block, smem_bytes, stream, kernel<...>)(args...);
+//   FASTBN_SHARED_ARRAY(name, count, type...);   a block's `count` values of `type`
+//   FASTBN_DYNAMIC_SHARED(name);                 the block's dynamic shared bytes, 16-aligned
+// Every __global__ function's name ends in `_kernel` (the emulator's coverage check relies on it).
+#ifndef FASTBN_LAUNCH
+#define FASTBN_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#endif
+#ifndef FASTBN_SHARED_ARRAY
+#define FASTBN_SHARED_ARRAY(name, count, ...) __shared__ __VA_ARGS__ name[count]
+#endif
+#ifndef FASTBN_DYNAMIC_SHARED
+#define FASTBN_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+
 namespace fastbn {
 namespace cuda {
 

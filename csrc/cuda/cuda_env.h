@@ -1,4 +1,5 @@
-// Launch environment of the current CUDA device (defined in cuda_env_binding.cpp).
+// Launch environment of the current CUDA device (defined in cuda_env_binding.cpp; the CPU
+// emulator defines its own in tests/cuda_emu/src/env.cpp).
 #pragma once
 #include "launch.h"
 

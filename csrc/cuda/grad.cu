@@ -49,7 +49,7 @@ __global__ void __launch_bounds__(kThreads)
                               ChannelStats<acc_t<T>> st, Affine<acc_t<T>> af, acc_t<T>* __restrict__ ws_a,
                               acc_t<T>* __restrict__ ws_b) {
   using Acc = acc_t<T>;
-  __shared__ Acc shared[2 * (kThreads / 32)];
+  FASTBN_SHARED_ARRAY(shared, 2 * (kThreads / 32), Acc);
   const int64_t c = blockIdx.x / splits;
   const int64_t split = blockIdx.x % splits;
   const FwdCoef<Acc> k1 = forward_coef(st, af, c);
@@ -91,7 +91,7 @@ __global__ void __launch_bounds__(kThreads)
                           int64_t M, int64_t C, ChannelStats<acc_t<T>> st, Affine<acc_t<T>> af,
                           acc_t<T>* __restrict__ ws_a, acc_t<T>* __restrict__ ws_b) {
   using Acc = acc_t<T>;
-  extern __shared__ __align__(16) unsigned char smem[];
+  FASTBN_DYNAMIC_SHARED(smem);
   const int bx = blockDim.x, by = blockDim.y, tx = threadIdx.x, ty = threadIdx.y;
   const int width = bx * VC;
   Acc* sa = reinterpret_cast<Acc*>(smem);
@@ -244,9 +244,11 @@ cudaError_t launch_grad_reduce(const Geometry& g, const T* dy, const T* x, Chann
     const dim3 grid(static_cast<unsigned>(blk.grid_x), static_cast<unsigned>(splits)), block(blk.bx, blk.by);
     const size_t smem = static_cast<size_t>(blk.by) * blk.bx * (vec ? V : 1) * 2 * sizeof(Acc);
     if (vec)
-      grad_reduce_cl_kernel<T, V><<<grid, block, smem, env.stream>>>(dy, x, r, relu, g.rows(), g.C, st, af, ws.a, ws.b);
+      FASTBN_LAUNCH(grid, block, smem, env.stream, grad_reduce_cl_kernel<T, V>)(dy, x, r, relu, g.rows(), g.C, st, af,
+                                                                                ws.a, ws.b);
     else
-      grad_reduce_cl_kernel<T, 1><<<grid, block, smem, env.stream>>>(dy, x, r, relu, g.rows(), g.C, st, af, ws.a, ws.b);
+      FASTBN_LAUNCH(grid, block, smem, env.stream, grad_reduce_cl_kernel<T, 1>)(dy, x, r, relu, g.rows(), g.C, st, af,
+                                                                                ws.a, ws.b);
   } else {
     const bool vec = g.S % V == 0 && aligned;
     splits = planar_splits(g, env.sm_count);
@@ -256,14 +258,14 @@ cudaError_t launch_grad_reduce(const Geometry& g, const T* dy, const T* x, Chann
     const unsigned blocks = static_cast<unsigned>(g.C * splits);
     const dim3 block(blk.bx, blk.by);
     if (vec)
-      grad_reduce_planar_kernel<T, V><<<blocks, block, 0, env.stream>>>(
+      FASTBN_LAUNCH(blocks, block, 0, env.stream, grad_reduce_planar_kernel<T, V>)(
           dy, x, r, relu, g.N, g.C, g.S, splits, pc.pieces, pc.len, st, af, ws.a, ws.b);
     else
-      grad_reduce_planar_kernel<T, 1><<<blocks, block, 0, env.stream>>>(
+      FASTBN_LAUNCH(blocks, block, 0, env.stream, grad_reduce_planar_kernel<T, 1>)(
           dy, x, r, relu, g.N, g.C, g.S, splits, pc.pieces, pc.len, st, af, ws.a, ws.b);
   }
   ReduceWorkspace<Acc> ws(workspace, splits, g.C);
-  grad_finalize_kernel<Acc><<<static_cast<unsigned>(ceil_div(g.C, kThreads)), kThreads, 0, env.stream>>>(
+  FASTBN_LAUNCH(static_cast<unsigned>(ceil_div(g.C, kThreads)), kThreads, 0, env.stream, grad_finalize_kernel<Acc>)(
       ws.a, ws.b, splits, g.C, st, sum_dy, sum_dy_xhat);
   return cudaGetLastError();
 }
@@ -280,16 +282,20 @@ cudaError_t launch_grad_input(const Geometry& g, const T* dy, const T* x, Channe
     const ClBlock blk(g.C, vec ? V : 1);
     const int64_t gy = elementwise_grid_y(g.rows(), blk.by, blk.grid_x, env.sm_count);
     const dim3 grid(static_cast<unsigned>(blk.grid_x), static_cast<unsigned>(gy)), block(blk.bx, blk.by);
-    if (vec) grad_input_cl_kernel<T, V><<<grid, block, 0, env.stream>>>(dy, x, r, relu, g.rows(), g.C, ga, dx, dr);
-    else grad_input_cl_kernel<T, 1><<<grid, block, 0, env.stream>>>(dy, x, r, relu, g.rows(), g.C, ga, dx, dr);
+    if (vec)
+      FASTBN_LAUNCH(grid, block, 0, env.stream, grad_input_cl_kernel<T, V>)(dy, x, r, relu, g.rows(), g.C, ga, dx, dr);
+    else
+      FASTBN_LAUNCH(grid, block, 0, env.stream, grad_input_cl_kernel<T, 1>)(dy, x, r, relu, g.rows(), g.C, ga, dx, dr);
   } else {
     const bool vec = g.S % V == 0 && aligned;
     const PlanarBlock blk(g.N * g.C, g.S, vec ? V : 1, env.sm_count);
     const dim3 grid(static_cast<unsigned>(blk.grid_x), static_cast<unsigned>(blk.grid_y)), block(blk.bx, blk.by);
     if (vec)
-      grad_input_planar_kernel<T, V><<<grid, block, 0, env.stream>>>(dy, x, r, relu, g.N * g.C, g.C, g.S, ga, dx, dr);
+      FASTBN_LAUNCH(grid, block, 0, env.stream, grad_input_planar_kernel<T, V>)(dy, x, r, relu, g.N * g.C, g.C, g.S, ga,
+                                                                               dx, dr);
     else
-      grad_input_planar_kernel<T, 1><<<grid, block, 0, env.stream>>>(dy, x, r, relu, g.N * g.C, g.C, g.S, ga, dx, dr);
+      FASTBN_LAUNCH(grid, block, 0, env.stream, grad_input_planar_kernel<T, 1>)(dy, x, r, relu, g.N * g.C, g.C, g.S, ga,
+                                                                               dx, dr);
   }
   return cudaGetLastError();
 }

@@ -1,6 +1,6 @@
 // Torch-free launch API of fastbn's CUDA kernels: raw pointers, sizes and a cudaStream_t.
 // Implemented in stats.cu, normalize.cu, grad.cu, channel_ops.cu; called from
-// bn_cuda_binding.cpp. T is the storage type (float, double, f16, bf16); per-channel arrays
+// cuda_backend.h. T is the storage type (float, double, f16, bf16); per-channel arrays
 // are acc_t<T> (float, or double for double), length C, contiguous. Every launcher returns
 // the launch status (cudaGetLastError()) and never synchronises or allocates.
 #pragma once

@@ -65,8 +65,8 @@ template <class T, int V>
 void launch_planar(const Geometry& g, const T* x, T* y, ChannelStats<acc_t<T>> st, Affine<acc_t<T>> af, const T* r,
                    bool relu, const LaunchEnv& env) {
   const PlanarBlock blk(g.N * g.C, g.S, V, env.sm_count);
-  normalize_planar_kernel<T, V><<<dim3(static_cast<unsigned>(blk.grid_x), static_cast<unsigned>(blk.grid_y)),
-                                  dim3(blk.bx, blk.by), 0, env.stream>>>(x, y, r, relu, g.N * g.C, g.C, g.S, st, af);
+  FASTBN_LAUNCH(dim3(static_cast<unsigned>(blk.grid_x), static_cast<unsigned>(blk.grid_y)), dim3(blk.bx, blk.by), 0,
+                env.stream, normalize_planar_kernel<T, V>)(x, y, r, relu, g.N * g.C, g.C, g.S, st, af);
 }
 
 template <class T, int VC>
@@ -74,8 +74,8 @@ void launch_cl(const Geometry& g, const T* x, T* y, ChannelStats<acc_t<T>> st, A
                bool relu, const LaunchEnv& env) {
   const ClBlock blk(g.C, VC);
   const int64_t gy = elementwise_grid_y(g.rows(), blk.by, blk.grid_x, env.sm_count);
-  normalize_cl_kernel<T, VC><<<dim3(static_cast<unsigned>(blk.grid_x), static_cast<unsigned>(gy)),
-                               dim3(blk.bx, blk.by), 0, env.stream>>>(x, y, r, relu, g.rows(), g.C, st, af);
+  FASTBN_LAUNCH(dim3(static_cast<unsigned>(blk.grid_x), static_cast<unsigned>(gy)), dim3(blk.bx, blk.by), 0, env.stream,
+                normalize_cl_kernel<T, VC>)(x, y, r, relu, g.rows(), g.C, st, af);
 }
 
 }  // namespace

@@ -34,7 +34,7 @@ __global__ void __launch_bounds__(kThreads)
                         int64_t piece_len, int64_t* __restrict__ ws_n, acc_t<T>* __restrict__ ws_mean,
                         acc_t<T>* __restrict__ ws_m2) {
   using Acc = acc_t<T>;
-  __shared__ WelfordState<Acc> shared[kThreads / 32];
+  FASTBN_SHARED_ARRAY(shared, kThreads / 32, WelfordState<Acc>);
   const int64_t c = blockIdx.x / splits;
   const int64_t split = blockIdx.x % splits;
   WelfordState<Acc> st{0, Acc(0), Acc(0)};
@@ -69,7 +69,7 @@ __global__ void __launch_bounds__(kThreads)
     stats_cl_kernel(const T* __restrict__ x, int64_t M, int64_t C, int64_t* __restrict__ ws_n,
                     acc_t<T>* __restrict__ ws_mean, acc_t<T>* __restrict__ ws_m2) {
   using Acc = acc_t<T>;
-  extern __shared__ __align__(16) unsigned char smem[];
+  FASTBN_DYNAMIC_SHARED(smem);
   const int bx = blockDim.x, by = blockDim.y, tx = threadIdx.x, ty = threadIdx.y;
   const int width = bx * VC;
   Acc* sm_mean = reinterpret_cast<Acc*>(smem);
@@ -152,7 +152,7 @@ template <class T, int V>
 void launch_planar(const Geometry& g, const T* x, ReduceWorkspace<acc_t<T>>& ws, int64_t splits, cudaStream_t stream) {
   const PlanarReduceBlock blk(g.S, V);
   const PlanarPieces pc(g, splits * blk.by, V);
-  stats_planar_kernel<T, V><<<static_cast<unsigned>(g.C * splits), dim3(blk.bx, blk.by), 0, stream>>>(
+  FASTBN_LAUNCH(static_cast<unsigned>(g.C * splits), dim3(blk.bx, blk.by), 0, stream, stats_planar_kernel<T, V>)(
       x, g.N, g.C, g.S, splits, pc.pieces, pc.len, ws.n, ws.a, ws.b);
 }
 
@@ -162,7 +162,7 @@ void launch_cl(const Geometry& g, const T* x, ReduceWorkspace<acc_t<T>>& ws, int
   const dim3 grid(static_cast<unsigned>(blk.grid_x), static_cast<unsigned>(splits));
   const dim3 block(blk.bx, blk.by);
   const size_t smem = static_cast<size_t>(blk.by) * (blk.bx * VC * 2 * sizeof(acc_t<T>) + sizeof(int64_t));
-  stats_cl_kernel<T, VC><<<grid, block, smem, stream>>>(x, g.rows(), g.C, ws.n, ws.a, ws.b);
+  FASTBN_LAUNCH(grid, block, smem, stream, stats_cl_kernel<T, VC>)(x, g.rows(), g.C, ws.n, ws.a, ws.b);
 }
 
 }  // namespace
@@ -195,7 +195,7 @@ cudaError_t launch_stats(const Geometry& g, const T* x, acc_t<T>* mean, acc_t<T>
     else launch_planar<T, 1>(g, x, ws, splits, env.stream);
   }
   ReduceWorkspace<Acc> ws(workspace, splits, g.C);
-  stats_finalize_kernel<Acc><<<static_cast<unsigned>(ceil_div(g.C, kThreads)), kThreads, 0, env.stream>>>(
+  FASTBN_LAUNCH(static_cast<unsigned>(ceil_div(g.C, kThreads)), kThreads, 0, env.stream, stats_finalize_kernel<Acc>)(
       ws.n, ws.a, ws.b, splits, g.C, static_cast<Acc>(eps), mean, var, invstd);
   return cudaGetLastError();
 }
