@@ -98,16 +98,16 @@ def run(name, mode, a, device):
             loss.backward()
             if not torch.isfinite(loss):
                 failures.append(f"step {step}: {side} loss is {loss.item()}")
-            e = err
-            e["loss"][side] = max(e["loss"][side], abs(loss.item() - loss64.item()) / abs(loss64.item()))
+            err["loss"][side] = max(err["loss"][side], abs(loss.item() - loss64.item()) / abs(loss64.item()))
             for (pn, p), q in zip(f64.named_parameters(), m.parameters()):
                 if q.grad is None or not torch.isfinite(q.grad).all():
                     failures.append(f"step {step}: {side} gradient of {pn} missing or not finite")
                     continue
-                e["gradient"][side] = max(e["gradient"][side], rel(q.grad, p.grad))
+                err["gradient"][side] = max(err["gradient"][side], rel(q.grad, p.grad))
             for (bn, b64), (_, bm) in zip(bn_layers(f64), bn_layers(m)):
                 for buf in ("running_mean", "running_var"):
-                    e["running stats"][side] = max(e["running stats"][side], rel(getattr(bm, buf), getattr(b64, buf)))
+                    err["running stats"][side] = max(err["running stats"][side],
+                                                     rel(getattr(bm, buf), getattr(b64, buf)))
         f64.zero_grad(set_to_none=True)
         opt.step()
     for k, v in err.items():

@@ -95,19 +95,17 @@ def _seed(bug, root):
 def _run_checker(checker, selection, src, tag):
     if checker == "tsan":
         exe = emu_build.build_driver("tsan", src_root=src, tag=tag)
-        r = emu_build.run([exe, "--quick"], "tsan", timeout=600)
-        return r.returncode, r.stdout + r.stderr
+        return _run([exe, "--quick"], "tsan")
     env = emu_build.sanitizer_env(checker)
     env.update(FASTBN_EMU_FLAVOUR=checker, FASTBN_EMU_SRC=src, FASTBN_EMU_TAG=tag,
                FASTBN_EMU_SCHEDULES="3" if checker == "plain" else "1")
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-s", "-p", "no:cacheprovider",
            os.path.join(HERE, "test_cuda_emu.py"), "-k", selection]
-    r = emu_build.run(cmd, checker, env=env, timeout=600, cwd=HERE)
-    return r.returncode, r.stdout + r.stderr
+    return _run(cmd, checker, env=env, cwd=HERE)
 
 
-def _run(cmd, flavour):
-    r = emu_build.run(cmd, flavour, timeout=600)
+def _run(cmd, flavour, **kwargs):
+    r = emu_build.run(cmd, flavour, timeout=600, **kwargs)
     return r.returncode, r.stdout + r.stderr
 
 

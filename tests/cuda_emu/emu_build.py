@@ -80,13 +80,13 @@ def _compile(job):
 
 def _build_objects(jobs, src_root=CSRC):
     """jobs: (source, flags, dependency paths). Returns the object paths (compiling the stale)."""
+    obj_dir = os.path.join(BUILD, "obj")  # every flavour: the key covers the flags
+    os.makedirs(obj_dir, exist_ok=True)
     planned = []
     for src, flags, deps in jobs:
         key = _digest(flags + [CXX], [src] + deps, src_root)
-        flavour_dir = os.path.join(BUILD, "obj")
-        os.makedirs(flavour_dir, exist_ok=True)
         name = os.path.basename(src).replace(".", "_")
-        planned.append((src, os.path.join(flavour_dir, f"{name}-{key}.o"), flags))
+        planned.append((src, os.path.join(obj_dir, f"{name}-{key}.o"), flags))
     with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as ex:
         results = list(ex.map(_compile, planned))
     errors = [e for _, e in results if e]

@@ -75,7 +75,9 @@ enum class WarpOp { idx, up, down, bfly, ballot, any, all, sync, active };
 // mask); returns this lane's result of `op` on the 64-bit values the lanes deposited.
 uint64_t warp_op(WarpOp op, unsigned mask, uint64_t value, int param, int width, const char* file, int line);
 
-template <class T> T warp_shuffle(WarpOp op, unsigned mask, T v, int param, int width, const char* file, int line) {
+// __shfl*_sync(mask, v, param[, width]) at file:line.
+template <class T>
+T warp_shuffle(WarpOp op, const char* file, int line, unsigned mask, T v, int param, int width = 32) {
   static_assert(std::is_trivially_copyable<T>::value && sizeof(T) <= 8, "shuffle of a type the emulator can't move");
   uint64_t bits = 0;
   std::memcpy(&bits, &v, sizeof(T));

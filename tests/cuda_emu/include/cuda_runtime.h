@@ -47,10 +47,10 @@ constexpr int warpSize = 32;
 // ---------------------------------------------------------------- synchronisation
 #define __syncthreads() ::cuda_emu::syncthreads(__FILE__, __LINE__)
 #define __syncwarp(...) ::cuda_emu::SyncwarpAt{__FILE__, __LINE__}(__VA_ARGS__)
-#define __shfl_sync(...) ::cuda_emu::shfl_at(::cuda_emu::WarpOp::idx, __FILE__, __LINE__, __VA_ARGS__)
-#define __shfl_up_sync(...) ::cuda_emu::shfl_at(::cuda_emu::WarpOp::up, __FILE__, __LINE__, __VA_ARGS__)
-#define __shfl_down_sync(...) ::cuda_emu::shfl_at(::cuda_emu::WarpOp::down, __FILE__, __LINE__, __VA_ARGS__)
-#define __shfl_xor_sync(...) ::cuda_emu::shfl_at(::cuda_emu::WarpOp::bfly, __FILE__, __LINE__, __VA_ARGS__)
+#define __shfl_sync(...) ::cuda_emu::warp_shuffle(::cuda_emu::WarpOp::idx, __FILE__, __LINE__, __VA_ARGS__)
+#define __shfl_up_sync(...) ::cuda_emu::warp_shuffle(::cuda_emu::WarpOp::up, __FILE__, __LINE__, __VA_ARGS__)
+#define __shfl_down_sync(...) ::cuda_emu::warp_shuffle(::cuda_emu::WarpOp::down, __FILE__, __LINE__, __VA_ARGS__)
+#define __shfl_xor_sync(...) ::cuda_emu::warp_shuffle(::cuda_emu::WarpOp::bfly, __FILE__, __LINE__, __VA_ARGS__)
 #define __ballot_sync(mask, pred) \
   static_cast<unsigned>(::cuda_emu::warp_op(::cuda_emu::WarpOp::ballot, mask, (pred) ? 1 : 0, 0, 32, __FILE__, __LINE__))
 #define __any_sync(mask, pred) \
@@ -66,10 +66,6 @@ struct SyncwarpAt {
   int line;
   void operator()(unsigned mask = 0xffffffffu) const { warp_op(WarpOp::sync, mask, 0, 0, 32, file, line); }
 };
-template <class T>
-inline T shfl_at(WarpOp op, const char* file, int line, unsigned mask, T v, int param, int width = 32) {
-  return warp_shuffle(op, mask, v, param, width, file, line);
-}
 }  // namespace cuda_emu
 
 // Atomics (global or shared memory): sequentially consistent host atomics, so that

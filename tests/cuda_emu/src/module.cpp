@@ -49,11 +49,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("take_faults", &cuda_emu::take_faults, "Faults reported since the last call (clears them).");
   m.def("launch_counts", &cuda_emu::launch_counts, "Launches per kernel instantiation since the last reset.");
   m.def("reset_launch_counts", &cuda_emu::reset_launch_counts);
-  m.def("sanitizer", []() {
-#if defined(__SANITIZE_ADDRESS__)
-    return std::string("address,undefined");
-#else
-    return std::string("none");
-#endif
-  });
 }

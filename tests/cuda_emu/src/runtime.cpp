@@ -333,14 +333,13 @@ int pick_ready(Worker& w) {
 }
 
 // Where thread i stands, for fault reports.
-std::string state_desc(const Worker& w, const Fiber& f) {
+std::string state_desc(const Fiber& f) {
   switch (f.state) {
     case FState::exited: return "exited";
     case FState::barrier: return "waits at __syncthreads (" + where(f.file, f.line) + ")";
     case FState::warp: return std::string("waits at ") + op_name(f.op) + " (" + where(f.file, f.line) + ")";
     case FState::ready: return "is runnable";
   }
-  (void)w;
   return "?";
 }
 
@@ -377,7 +376,7 @@ void report_deadlock(Worker& w) {
       for (unsigned l = 0; l < 32; ++l) {
         if (!((g.mask & ~g.arrived) >> l & 1u)) continue;
         const unsigned i = warp * 32 + l;
-        if (i < w.n) o << " [lane " << l << " " << state_desc(w, *w.fibers[i]) << "]";
+        if (i < w.n) o << " [lane " << l << " " << state_desc(*w.fibers[i]) << "]";
       }
       o << ";";
     }
