@@ -3,15 +3,20 @@
 
 For every case (shape x dtype x memory layout) and mode (training forward, training
 forward+backward, eval forward) this script first checks fastbn's results against
-``torch.nn.BatchNorm*`` eager (same parameters, buffers, input and upstream gradient), then
-times fastbn, torch eager and ``torch.compile``d torch BatchNorm on the same inputs, and
-reports the speedups and fastbn's achieved bandwidth as a fraction of the device-to-device
-copy bandwidth measured at the start of the run. A result that does not match is reported
-as FAIL (never as a time) and makes the exit status non-zero.
+``torch.nn.BatchNorm*`` eager (same parameters, buffers, input and upstream gradient), records
+which PyTorch BatchNorm kernel eager runs there (cudnn, miopen or native), then times fastbn
+and torch eager on the same inputs. A second pass then times ``torch.compile``d torch
+BatchNorm on the rows the compile policy selects, so that a time budget is spent on the
+fastbn and eager columns first. It reports the speedups and fastbn's achieved bandwidth as a
+fraction of the device-to-device copy bandwidth measured at the start of the run. A result
+that does not match is reported as FAIL (never as a time) and makes the exit status non-zero.
 
     python benchmarks/bench.py                      # default grid, on CUDA when available
     python benchmarks/bench.py --device cpu --quick # a handful of small cases
     python benchmarks/bench.py --shapes bn1d --dtype bf16 --modes fwdbwd
+    python benchmarks/bench.py --budget-s 600       # start no row after 10 minutes; report those run
+    python benchmarks/bench.py --compile-policy fwdbwd  # compile column: all|fwdbwd|fwdbwd-float32|none
+                                                    # (--compile-all = all, --no-compile = none)
 
 Output: the table and a summary on stdout, and
 ``<out-dir>/<device>-<YYYY-MM-DD>[-quick][-<tag>].json``, ``.csv`` and ``.png``.
@@ -33,9 +38,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+# torch.profiler (run once per row, see torch_kernel) otherwise logs every profiler start and
+# stop on stderr; Kineto reads this setting when torch is imported.
+os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 
-import fastbn
+import torch  # noqa: E402
+
+import fastbn  # noqa: E402
 
 MODES = ("fwd", "fwdbwd", "eval")
 MODE_TITLES = {"fwd": "training forward", "fwdbwd": "training forward+backward", "eval": "eval forward"}
@@ -75,9 +84,12 @@ QUICK_GRIDS = {
 MAX_INPUT_SETS = 16
 CPU_COPY_BYTES = 64 << 20
 CUDA_COPY_BYTES = 256 << 20
-TABLE_COLUMNS = ("case", "dtype", "layout", "mode", "status", "fastbn_ms", "eager_ms", "compile_ms",
-                 "speedup_eager", "speedup_compile", "gbps", "pct_copy_bw")
+TABLE_COLUMNS = ("case", "dtype", "layout", "mode", "status", "torch_kernel", "fastbn_ms", "eager_ms",
+                 "compile_ms", "speedup_eager", "speedup_compile", "gbps", "pct_copy_bw")
 COLUMNS = TABLE_COLUMNS + ("bytes", "note")
+# The values of the torch_kernel column, in display order.
+TORCH_KERNELS = ("cudnn", "miopen", "native")
+COMPILE_POLICIES = ("all", "fwdbwd", "fwdbwd-float32", "none")
 
 _COMPILED = {}  # (device, kind, shape, dtype, layout, mode) -> torch.compile'd torch BatchNorm
 
@@ -312,6 +324,23 @@ def _first_line(e):
     return text.splitlines()[0] if text else ""
 
 
+def torch_kernel(case, mode, seed=0):
+    """Which PyTorch BatchNorm implementation torch eager runs for (case, mode): "cudnn",
+    "miopen" or "native", from the names of the ops torch.profiler records over one call of
+    the reference module (forward, and for "fwdbwd" backward) on the case's input."""
+    ref = _reference_module(case, seed)
+    ref.train(mode != "eval")
+    x = _random_tensor(case, seed, requires_grad=mode == "fwdbwd")
+    dy = _random_tensor(case, seed + 1) if mode == "fwdbwd" else None
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        _step(ref, mode, x, dy)
+    names = {e.name for e in prof.events()}
+    for kernel in ("cudnn", "miopen"):
+        if any(f"{kernel}_batch_norm" in name for name in names):
+            return kernel
+    return "native"
+
+
 def _compiled_module(case, mode, state_dict):
     """torch.compile'd torch BatchNorm for (case, mode), cached, loaded with `state_dict`.
     Compilation itself happens on the first call."""
@@ -449,18 +478,37 @@ def _new_row(case, mode):
 
 
 def _wants_compile(policy, case, mode):
-    return policy == "all" or (policy == "fwdbwd-float32" and mode == "fwdbwd" and case.dtype == "float32")
+    """Whether compile policy `policy` (one of COMPILE_POLICIES) gives (case, mode) a compile column."""
+    if policy == "all":
+        return True
+    if mode != "fwdbwd":
+        return False
+    return policy == "fwdbwd" or (policy == "fwdbwd-float32" and case.dtype == "float32")
+
+
+def _past(deadline):
+    return deadline is not None and time.monotonic() >= deadline
 
 
 def run_benchmark(cases, modes=MODES, impl_factory=fastbn_factory, reps=10, min_time_s=0.0,
-                  compile_policy="all", copy_gbps=None, progress=True, notes=None):
-    """Checks, then times, every (case, mode); returns one row (dict with COLUMNS) for each.
+                  compile_policy="all", copy_gbps=None, progress=True, notes=None, deadline=None):
+    """Checks, then times, every (case, mode); returns one row (dict with COLUMNS) for each
+    row started.
 
     impl_factory(kind, num_features, **kwargs) builds the module under test (the "fastbn"
-    columns); kwargs holds `device`. compile_policy: "all", "fwdbwd-float32" (the compile column
-    only for training forward+backward in float32) or "none". copy_gbps: the copy bandwidth
-    the pct_copy_bw column refers to (measured here when None). Run-wide remarks (such as
-    torch.compile being unavailable) are appended to the list `notes` when one is given.
+    columns); kwargs holds `device`. compile_policy: which rows get the compile column, one of
+    COMPILE_POLICIES: "all", "fwdbwd" (training forward+backward rows only), "fwdbwd-float32"
+    (those in float32 only) or "none". copy_gbps: the copy bandwidth the pct_copy_bw column
+    refers to (measured here when None). Run-wide remarks (such as torch.compile being
+    unavailable, or rows left out for the deadline) are appended to the list `notes` when one
+    is given.
+
+    The first pass checks each row, records torch_kernel (see torch_kernel) and times fastbn
+    and torch eager side by side. The second pass times torch.compile on the rows the policy
+    selects that the first pass timed. When the first compilation fails, no further row gets
+    a compile time. deadline: a time.monotonic() value or None; no row of either pass starts
+    after it: the first pass's rows not started are left out of the result, the second
+    pass's keep no compile time.
 
     Row status: "ok"; "FAIL" when the implementation's results do not match torch eager (nor,
     where eager itself is off, a float64 reference; see check_case), or it raises: the note
@@ -476,88 +524,133 @@ def run_benchmark(cases, modes=MODES, impl_factory=fastbn_factory, reps=10, min_
     if copy_gbps is None:
         copy_gbps = copy_bandwidth_gbps(device)
     if compile_policy != "none":
-        import torch._dynamo.config
-        import torch._inductor.config
+        from torch._dynamo import config as dynamo_config
+        from torch._inductor import config as inductor_config
 
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4096)
-        torch._dynamo.config.accumulated_recompile_limit = max(
-            torch._dynamo.config.accumulated_recompile_limit, 65536)
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 4096)
+        dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 65536)
         if device == "cpu":
             # Compile in this process: a pool of compile workers warming up in the background
             # would steal the cores from the timings that follow.
-            torch._inductor.config.compile_threads = 1
-    compile_ok = False  # at least one compilation has worked in this run
+            inductor_config.compile_threads = 1
     rows = []
-    bar = tqdm(total=len(cases) * len(modes), file=sys.stderr, disable=not progress, unit="row", dynamic_ncols=True)
-    for case in cases:
-        for mode in modes:
-            bar.set_description(f"{case.name} {case.dtype} {case.layout} {mode}")
-            row = _new_row(case, mode)
-            rows.append(row)
-            try:
-                passed, row["note"] = check_case(case, mode, impl_factory)
-                if not passed:
-                    row["status"] = "FAIL"
-                    continue
-                impl, ref = _module_pair(case, mode, impl_factory)
-                modules = {"fastbn": impl, "eager": ref}
-                if _wants_compile(compile_policy, case, mode):
-                    modules["compile"] = _compiled_module(case, mode, ref.state_dict())
-                times, errors = time_case(case, mode, modules, reps, min_time_s)
-            except CaseSkipped as e:
-                row.update(status="SKIP", note=str(e))
-                continue
-            except torch.OutOfMemoryError:
-                row.update(status="SKIP", note="does not fit in device memory")
-                continue
-            finally:
-                bar.update()
-            if "fastbn" in errors:
-                row.update(status="FAIL", note=f"raised while timing: {errors['fastbn']}")
-                continue
-            if "eager" in errors:
-                row.update(status="SKIP", note=f"torch eager failed while timing: {errors['eager']}")
-                continue
-            if "compile" in errors:
-                row["note"] = "; ".join(filter(None, [row["note"], f"torch.compile failed: {errors['compile']}"]))
-                if not compile_ok:
-                    notes.append(f"torch.compile column skipped: compiling failed ({errors['compile']})")
-                    compile_policy = "none"
-            elif "compile" in times:
-                compile_ok = True
-            fast = times["fastbn"]
-            row.update(fastbn_ms=fast, eager_ms=times["eager"], compile_ms=times.get("compile"),
-                       speedup_eager=times["eager"] / fast,
-                       gbps=row["bytes"] / (fast * 1e-3) / 1e9)
-            row["pct_copy_bw"] = 100 * row["gbps"] / copy_gbps
-            if row["compile_ms"] is not None:
-                row["speedup_compile"] = row["compile_ms"] / fast
-        if device == "cuda":
+    to_compile = []  # (case, mode, row) of the timed rows the policy gives a compile column
+    total = len(cases) * len(modes)
+    bar = tqdm(total=total, file=sys.stderr, disable=not progress, unit="row", dynamic_ncols=True)
+    for case, mode in itertools.product(cases, modes):
+        if _past(deadline):
+            notes.append(f"stopped at the time budget (--budget-s): {total - len(rows)} of {total} rows not run")
+            break
+        bar.set_description(f"{case.name} {case.dtype} {case.layout} {mode}")
+        row = _new_row(case, mode)
+        rows.append(row)
+        try:
+            _time_row(row, case, mode, impl_factory, reps, min_time_s, copy_gbps)
+        finally:
+            bar.update()
+        if row["status"] == "ok" and _wants_compile(compile_policy, case, mode):
+            to_compile.append((case, mode, row))
+        if device == "cuda" and mode == modes[-1]:
             torch.cuda.empty_cache()
     bar.close()
+    _compile_pass(to_compile, reps, min_time_s, notes, deadline, progress)
     return rows
+
+
+def _time_row(row, case, mode, impl_factory, reps, min_time_s, copy_gbps):
+    """First pass of one row: fills `row` with the check's outcome, torch_kernel and the
+    fastbn and eager times (see run_benchmark)."""
+    try:
+        passed, row["note"] = check_case(case, mode, impl_factory)
+        if not passed:
+            row["status"] = "FAIL"
+            return
+        row["torch_kernel"] = torch_kernel(case, mode)
+        impl, ref = _module_pair(case, mode, impl_factory)
+        times, errors = time_case(case, mode, {"fastbn": impl, "eager": ref}, reps, min_time_s)
+    except CaseSkipped as e:
+        row.update(status="SKIP", note=str(e))
+        return
+    except torch.OutOfMemoryError:
+        row.update(status="SKIP", note="does not fit in device memory")
+        return
+    if "fastbn" in errors:
+        row.update(status="FAIL", note=f"raised while timing: {errors['fastbn']}")
+        return
+    if "eager" in errors:
+        row.update(status="SKIP", note=f"torch eager failed while timing: {errors['eager']}")
+        return
+    fast = times["fastbn"]
+    row.update(fastbn_ms=fast, eager_ms=times["eager"], speedup_eager=times["eager"] / fast,
+               gbps=row["bytes"] / (fast * 1e-3) / 1e9)
+    row["pct_copy_bw"] = 100 * row["gbps"] / copy_gbps
+
+
+def _compile_pass(to_compile, reps, min_time_s, notes, deadline, progress):
+    """Second pass (see run_benchmark): fills compile_ms and speedup_compile of each row in
+    `to_compile` ((case, mode, row) with the first pass's fastbn_ms), appending run-wide
+    remarks to `notes`."""
+    from tqdm import tqdm
+
+    compile_ok = False  # at least one compilation has worked in this run
+    bar = tqdm(total=len(to_compile), file=sys.stderr, disable=not progress or not to_compile, unit="row",
+               dynamic_ncols=True)
+    for i, (case, mode, row) in enumerate(to_compile):
+        if _past(deadline):
+            notes.append(f"torch.compile column missing from {len(to_compile) - i} of {len(to_compile)} rows "
+                         f"that want it: the time budget (--budget-s) ran out")
+            break
+        bar.set_description(f"torch.compile {case.name} {case.dtype} {case.layout} {mode}")
+        try:
+            compiled = _compiled_module(case, mode, _reference_module(case, seed=0).state_dict())
+            times, errors = time_case(case, mode, {"compile": compiled}, reps, min_time_s)
+        except torch.OutOfMemoryError:
+            row["note"] = "; ".join(filter(None, [row["note"], "torch.compile: does not fit in device memory"]))
+            continue
+        finally:
+            bar.update()
+            if case.device == "cuda":
+                torch.cuda.empty_cache()
+        if "compile" in errors:
+            row["note"] = "; ".join(filter(None, [row["note"], f"torch.compile failed: {errors['compile']}"]))
+            if not compile_ok:
+                notes.append(f"torch.compile column skipped: compiling failed ({errors['compile']})")
+                break
+            continue
+        compile_ok = True
+        row.update(compile_ms=times["compile"], speedup_compile=times["compile"] / row["fastbn_ms"])
+    bar.close()
 
 
 def _geomean(values):
     return math.exp(statistics.fmean(math.log(v) for v in values)) if values else None
 
 
-def summarize(rows):
+def summarize(rows, not_run=0):
     """Per mode: geometric-mean speedup of fastbn vs eager and vs compile over the timed rows,
-    and the slowest row (lowest speedup vs eager); plus the FAIL and SKIP counts."""
+    the speedup vs eager split by the kernel torch eager ran ("by_torch_kernel": kernel ->
+    {"geomean_speedup_eager", "rows"}, kernels in TORCH_KERNELS order) and the slowest row
+    (lowest speedup vs eager); plus the FAIL and SKIP counts, the number of rows and
+    `not_run`, the number of rows the time budget left out."""
     summary = {"modes": {}, "fail_count": sum(r["status"] == "FAIL" for r in rows),
-               "skip_count": sum(r["status"] == "SKIP" for r in rows), "rows": len(rows)}
+               "skip_count": sum(r["status"] == "SKIP" for r in rows), "rows": len(rows), "not_run": not_run}
     for mode in MODES:
         timed = [r for r in rows if r["mode"] == mode and r["speedup_eager"] is not None]
         if not timed:
             continue
         vs_compile = [r["speedup_compile"] for r in timed if r["speedup_compile"] is not None]
+        by_kernel = {}
+        for kernel in TORCH_KERNELS:
+            speedups = [r["speedup_eager"] for r in timed if r["torch_kernel"] == kernel]
+            if speedups:
+                by_kernel[kernel] = {"geomean_speedup_eager": _geomean(speedups), "rows": len(speedups)}
         slowest = min(timed, key=lambda r: r["speedup_eager"])
         summary["modes"][mode] = {
             "timed_rows": len(timed),
             "geomean_speedup_eager": _geomean([r["speedup_eager"] for r in timed]),
             "geomean_speedup_compile": _geomean(vs_compile),
             "compile_rows": len(vs_compile),
+            "by_torch_kernel": by_kernel,
             "slowest": {k: slowest[k] for k in ("case", "dtype", "layout", "speedup_eager")},
         }
     return summary
@@ -572,10 +665,15 @@ def format_summary(summary):
                 f"over {s['timed_rows']} rows")
         if s["geomean_speedup_compile"] is not None:
             line += f", vs compile {s['geomean_speedup_compile']:.2f}x over {s['compile_rows']}"
+        if s["by_torch_kernel"]:
+            line += "; " + ", ".join(f"vs {kernel} rows {k['geomean_speedup_eager']:.2f}x (n={k['rows']})"
+                                     for kernel, k in s["by_torch_kernel"].items())
         line += f"; slowest: {slow['case']} {slow['dtype']} {slow['layout']} {slow['speedup_eager']:.2f}x"
         lines.append(line)
-    lines.append(f"FAIL rows: {summary['fail_count']}   SKIP rows: {summary['skip_count']}   "
-                 f"rows: {summary['rows']}")
+    last = f"FAIL rows: {summary['fail_count']}   SKIP rows: {summary['skip_count']}   rows: {summary['rows']}"
+    if summary["not_run"]:
+        last += f"   not run (time budget): {summary['not_run']}"
+    lines.append(last)
     return lines
 
 
@@ -595,13 +693,13 @@ def _fmt(column, value):
 
 def format_table(rows):
     """The rows as an aligned text table (text columns left-, numbers right-aligned)."""
-    titles = {"fastbn_ms": "fastbn ms", "eager_ms": "eager ms", "compile_ms": "compile ms",
-              "speedup_eager": "vs eager", "speedup_compile": "vs compile", "gbps": "GB/s",
-              "pct_copy_bw": "% copy"}
+    titles = {"torch_kernel": "torch kernel", "fastbn_ms": "fastbn ms", "eager_ms": "eager ms",
+              "compile_ms": "compile ms", "speedup_eager": "vs eager", "speedup_compile": "vs compile",
+              "gbps": "GB/s", "pct_copy_bw": "% copy"}
     header = [titles.get(c, c) for c in TABLE_COLUMNS]
     body = [[_fmt(c, r[c]) for c in TABLE_COLUMNS] for r in rows]
     widths = [max(len(x) for x in col) for col in zip(header, *body)]
-    left = {"case", "dtype", "layout", "mode", "status"}
+    left = {"case", "dtype", "layout", "mode", "status", "torch_kernel"}
 
     def line(cells):
         return "  ".join(cell.ljust(w) if c in left else cell.rjust(w)
@@ -739,9 +837,17 @@ def parse_args(argv=None):
                    help="comma list of fwd (training forward), fwdbwd (training forward+backward), "
                         "eval (eval forward); default: all")
     p.add_argument("--quick", action="store_true", help="a handful of small cases, few repetitions")
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
-    p.add_argument("--compile-all", action="store_true",
-                   help="on CPU or with --quick: compile every row (default there: fwdbwd float32 rows only)")
+    compile_group = p.add_mutually_exclusive_group()
+    compile_group.add_argument("--compile-policy", choices=COMPILE_POLICIES,
+                               help="which rows get the torch.compile column: all, fwdbwd (training "
+                                    "forward+backward rows), fwdbwd-float32 (those in float32), none; "
+                                    "default: fwdbwd-float32 on CPU or with --quick, else all")
+    compile_group.add_argument("--no-compile", action="store_true", help="same as --compile-policy none")
+    compile_group.add_argument("--compile-all", action="store_true", help="same as --compile-policy all")
+    p.add_argument("--budget-s", type=float, metavar="SECONDS",
+                   help="start no row (of the fastbn/eager pass, then of the torch.compile pass) after this "
+                        "many seconds from the start of the run; the rows run are reported and written "
+                        "(default: no limit)")
     p.add_argument("--reps", type=int, help="minimum timed repetitions per row (default: 50 on CUDA, "
                                             "10 on CPU; 20 / 10 with --quick)")
     p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"),
@@ -781,10 +887,31 @@ def _has_triton():
     return has_triton()
 
 
+def compile_policy_for(args, device):
+    """(compile policy, run-wide note or None) for the parsed command line on `device`."""
+    if args.no_compile or args.compile_policy == "none":
+        flag = "--no-compile" if args.no_compile else "--compile-policy none"
+        return "none", f"torch.compile column skipped ({flag})"
+    if device == "cuda" and not _has_triton():
+        return "none", "torch.compile column skipped: triton is not installed"
+    if args.compile_all:
+        return "all", None
+    if args.compile_policy == "fwdbwd":
+        return "fwdbwd", "torch.compile column only for fwdbwd rows (--compile-policy fwdbwd)"
+    if args.compile_policy == "fwdbwd-float32":
+        return "fwdbwd-float32", "torch.compile column only for fwdbwd float32 rows (--compile-policy fwdbwd-float32)"
+    if args.compile_policy is None and (device == "cpu" or args.quick):
+        return "fwdbwd-float32", ("torch.compile column only for fwdbwd float32 rows "
+                                  f"({'--quick' if args.quick else 'CPU'} default; --compile-policy all "
+                                  "for every row)")
+    return "all", None
+
+
 def main(argv=None):
     """Command-line entry point; returns the exit status (1 when any row FAILs)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    deadline = None if args.budget_s is None else time.monotonic() + args.budget_s
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         print("bench.py: --device cuda but no CUDA GPU is visible to torch", file=sys.stderr)
@@ -800,18 +927,9 @@ def main(argv=None):
     min_time_s = 0.0 if args.quick or device == "cuda" else 0.2
 
     notes = []
-    if args.no_compile:
-        compile_policy = "none"
-        notes.append("torch.compile column skipped (--no-compile)")
-    elif device == "cuda" and not _has_triton():
-        compile_policy = "none"
-        notes.append("torch.compile column skipped: triton is not installed")
-    elif (device == "cpu" or args.quick) and not args.compile_all:
-        compile_policy = "fwdbwd-float32"
-        notes.append("torch.compile column only for fwdbwd float32 rows "
-                     f"({'--quick' if args.quick else 'CPU'} default; --compile-all for every row)")
-    else:
-        compile_policy = "all"
+    compile_policy, note = compile_policy_for(args, device)
+    if note:
+        notes.append(note)
 
     copy_gbps = copy_bandwidth_gbps(device)
     header = run_header(device, copy_gbps, argv)
@@ -824,13 +942,14 @@ def main(argv=None):
 
     cpu_start = _cpu_seconds()
     rows = run_benchmark(cases, modes=args.modes, impl_factory=fastbn_factory, reps=reps, min_time_s=min_time_s,
-                         compile_policy=compile_policy, copy_gbps=copy_gbps, notes=notes)
-    summary = summarize(rows)
+                         compile_policy=compile_policy, copy_gbps=copy_gbps, notes=notes, deadline=deadline)
+    summary = summarize(rows, not_run=len(cases) * len(args.modes) - len(rows))
     others = _others_cpu_share(cpu_start, _cpu_seconds())
     if others is not None and others > 0.1 and device == "cpu":
         notes.append(f"other processes used {100 * others:.0f}% of this machine's CPU time during the run: "
                      f"the CPU timings are disturbed; re-run when the machine is idle")
-    header.update(compile=compile_policy, reps=reps, other_processes_cpu_share=others, notes=notes)
+    header.update(compile=compile_policy, reps=reps, budget_s=args.budget_s, other_processes_cpu_share=others,
+                  notes=notes)
 
     print()
     print(format_table(rows))

@@ -1,5 +1,6 @@
 """Shared helpers for the tests: devices, tolerances, module pairs, random inputs."""
 import contextlib
+import inspect
 
 import pytest
 import torch
@@ -32,6 +33,30 @@ def reduction_tol(dtype, m):
     t = dict(tol(dtype))
     t["atol"] = t["atol"] * max(1.0, (m ** 0.5) / 8)
     return t
+
+
+def assert_sums_close(got, ref, exact_fn, m, what, extra_atol=0.0):
+    """Per-channel sums over m values (weight/bias gradients; m=1 for running statistics):
+    `got` against `ref` (another implementation's result) within reduction_tol. Where they
+    differ beyond it, a float64 result (`exact_fn()`, called only then) decides: `got` passes
+    when it is within reduction_tol (+ extra_atol, a number or per-channel tensor) of it, or
+    no farther from it than `ref` is (never less accurate than the reference)."""
+    t = reduction_tol(ref.dtype, m)
+    try:
+        torch.testing.assert_close(got, ref, **t, msg=lambda s: f"{what}: {s}")
+    except AssertionError as mismatch:
+        exact = exact_fn().detach().to(device=got.device, dtype=torch.float64)
+        err = (got.double() - exact).abs()
+        err_got = err.max().item()
+        err_ref = (ref.double().to(got.device) - exact).abs().max().item()
+        extra = torch.as_tensor(extra_atol, dtype=torch.float64, device=got.device)
+        within = bool((err <= t["atol"] + extra + t["rtol"] * exact.abs()).all())
+        if not (within or err_got <= err_ref):
+            raise AssertionError(f"{what}: {err_got:.3g} from the float64 result, the reference {err_ref:.3g}; "
+                                 f"{mismatch}") from None
+
+
+TORCH_BN_HAS_BIAS_ARG = "bias" in inspect.signature(torch.nn.BatchNorm2d.__init__).parameters
 
 
 def param_dtype(dtype):

@@ -1,7 +1,9 @@
 """Smoke tests of benchmarks/bench.py on the CPU: the quick grid end to end (table, JSON, CSV,
-chart), the case grid and filters, and that a wrong implementation is reported as FAIL."""
+chart), the case grid and filters, that a wrong implementation is reported as FAIL, the time
+budget, the torch kernel column and the compile policies."""
 import csv
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -9,7 +11,7 @@ import torch
 from helpers import load_script
 
 BENCH_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
-ROW_COLUMNS = ("case", "dtype", "layout", "mode", "status", "fastbn_ms", "eager_ms", "compile_ms",
+ROW_COLUMNS = ("case", "dtype", "layout", "mode", "status", "torch_kernel", "fastbn_ms", "eager_ms", "compile_ms",
                "speedup_eager", "speedup_compile", "gbps", "pct_copy_bw")
 TIME_COLUMNS = ("fastbn_ms", "eager_ms", "compile_ms", "speedup_eager", "speedup_compile", "gbps", "pct_copy_bw")
 
@@ -74,6 +76,7 @@ def test_quick_run_outputs(bench, quick_run):
         for column in ROW_COLUMNS:
             assert column in row, column
         assert row["status"] == "ok", row
+        assert row["torch_kernel"] == "native", row
         assert row["compile_ms"] is None and row["speedup_compile"] is None
         for column in ("fastbn_ms", "eager_ms", "speedup_eager", "gbps", "pct_copy_bw"):
             assert row[column] > 0, (column, row)
@@ -83,7 +86,11 @@ def test_quick_run_outputs(bench, quick_run):
     assert "fastbn_cpu_isa" in header and "fastbn_built_with_cuda" in header
     assert "--quick" in header["command"]
     assert data["summary"]["fail_count"] == 0
+    assert data["summary"]["not_run"] == 0
     assert set(data["summary"]["modes"]) == set(bench.MODES)
+    for mode, s in data["summary"]["modes"].items():
+        assert s["by_torch_kernel"] == {"native": {"geomean_speedup_eager": pytest.approx(s["geomean_speedup_eager"]),
+                                                   "rows": s["timed_rows"]}}, mode
 
     csv_rows = _read_csv(out / f"{stem}.csv")
     assert len(csv_rows) == len(rows)
@@ -100,6 +107,8 @@ def test_quick_run_prints_table_and_summary(bench, capsys, tmp_path):
     assert "copy bandwidth:" in text
     assert "bn1d-64x32  float32" in text
     assert "training forward+backward: fastbn vs eager" in text
+    assert "; vs native rows " in text and "(n=1)" in text
+    assert "torch kernel" in text
     assert "FAIL rows: 0" in text
     assert not list(tmp_path.glob("*.png"))
 
@@ -188,3 +197,166 @@ def test_compile_column(bench):
         assert row["note"].startswith("torch.compile failed") and notes
     else:
         assert row["compile_ms"] > 0 and row["speedup_compile"] > 0
+
+
+def _tiny_cases(bench, dtypes=("float32",)):
+    """The quick CPU grid's BatchNorm1d case (64 x 32), one per dtype."""
+    return bench.build_cases("cpu", quick=True, filters={"shapes": "bn1d", "dtypes": list(dtypes)})
+
+
+def test_budget_zero_runs_nothing_but_writes_outputs(bench, capsys, tmp_path):
+    rc = bench.main(["--quick", "--device", "cpu", "--shapes", "bn1d", "--budget-s", "0",
+                     "--out-dir", str(tmp_path), "--no-chart"])
+    assert rc == 0
+    total = len(bench.build_cases("cpu", quick=True, filters={"shapes": "bn1d"})) * len(bench.MODES)
+    [json_path] = tmp_path.glob("*.json")
+    data = json.loads(json_path.read_text())
+    assert data["rows"] == []
+    assert data["summary"]["rows"] == 0 and data["summary"]["not_run"] == total
+    assert data["header"]["budget_s"] == 0
+    assert any(f"{total} of {total} rows not run" in n for n in data["header"]["notes"])
+    assert _read_csv(json_path.with_suffix(".csv")) == []
+    assert f"not run (time budget): {total}" in capsys.readouterr().out
+
+
+def test_deadline_stops_between_rows(bench, monkeypatch):
+    """The row under way when the deadline passes completes; no further row starts."""
+    time_case = bench.time_case
+    deadline = time.monotonic() + 1.0
+
+    def slow_time_case(*args, **kwargs):
+        result = time_case(*args, **kwargs)
+        time.sleep(max(0.0, deadline - time.monotonic()) + 0.01)
+        return result
+
+    monkeypatch.setattr(bench, "time_case", slow_time_case)
+    cases = _tiny_cases(bench)
+    notes = []
+    rows = bench.run_benchmark(cases, compile_policy="none", copy_gbps=1.0, progress=False, notes=notes,
+                               deadline=deadline)
+    assert [(r["mode"], r["status"]) for r in rows] == [(bench.MODES[0], "ok")]
+    assert rows[0]["fastbn_ms"] > 0
+    total = len(cases) * len(bench.MODES)
+    assert notes == [f"stopped at the time budget (--budget-s): {total - 1} of {total} rows not run"]
+    summary = bench.summarize(rows, not_run=total - 1)
+    assert summary["not_run"] == total - 1
+    assert bench.format_summary(summary)[-1].endswith(f"not run (time budget): {total - 1}")
+    assert "not run" not in bench.format_summary(bench.summarize(rows))[-1]
+
+
+def _eager_as_compiled(bench):
+    """Stands in for _compiled_module: torch eager BatchNorm, without the cost of compiling."""
+
+    def compiled_module(case, mode, state_dict):
+        module = bench.TORCH_BN[case.kind](case.num_features, device=case.device)
+        module.load_state_dict(state_dict)
+        module.train(mode != "eval")
+        return module
+
+    return compiled_module
+
+
+def test_compile_pass_respects_deadline(bench, monkeypatch):
+    """The compile pass runs after every row's fastbn and eager times; rows it has not reached
+    at the deadline keep those and get no compile time."""
+    monkeypatch.setattr(bench, "_compiled_module", _eager_as_compiled(bench))
+    time_case = bench.time_case
+    deadline = time.monotonic() + 1.0
+    calls = []
+
+    def recording_time_case(case, mode, modules, *args, **kwargs):
+        calls.append(sorted(modules))
+        result = time_case(case, mode, modules, *args, **kwargs)
+        if "compile" in modules:
+            time.sleep(max(0.0, deadline - time.monotonic()) + 0.01)
+        return result
+
+    monkeypatch.setattr(bench, "time_case", recording_time_case)
+    notes = []
+    rows = bench.run_benchmark(_tiny_cases(bench, ("float32", "bfloat16")), modes=["fwdbwd"], compile_policy="all",
+                               copy_gbps=1.0, progress=False, notes=notes, deadline=deadline)
+    assert calls == [["eager", "fastbn"], ["eager", "fastbn"], ["compile"]]
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert rows[0]["compile_ms"] > 0
+    assert rows[0]["speedup_compile"] == pytest.approx(rows[0]["compile_ms"] / rows[0]["fastbn_ms"])
+    assert rows[1]["fastbn_ms"] > 0 and rows[1]["compile_ms"] is None and rows[1]["speedup_compile"] is None
+    assert notes == ["torch.compile column missing from 1 of 2 rows that want it: the time budget (--budget-s) ran out"]
+
+
+@pytest.mark.parametrize("policy, compiled", [
+    ("fwdbwd", {("float32", "fwdbwd"), ("bfloat16", "fwdbwd")}),
+    ("fwdbwd-float32", {("float32", "fwdbwd")}),
+    ("all", {(d, m) for d in ("float32", "bfloat16") for m in ("fwd", "fwdbwd", "eval")}),
+    ("none", set()),
+])
+def test_compile_policy_picks_rows(bench, monkeypatch, policy, compiled):
+    monkeypatch.setattr(bench, "_compiled_module", _eager_as_compiled(bench))
+    rows = bench.run_benchmark(_tiny_cases(bench, ("float32", "bfloat16")), compile_policy=policy, reps=2,
+                               copy_gbps=1.0, progress=False)
+    assert len(rows) == 2 * len(bench.MODES)
+    assert all(r["status"] == "ok" and r["fastbn_ms"] > 0 for r in rows)
+    assert {(r["dtype"], r["mode"]) for r in rows if r["compile_ms"] is not None} == compiled
+    assert all((r["speedup_compile"] is None) == (r["compile_ms"] is None) for r in rows)
+
+
+def test_compile_failure_switches_compile_off(bench, monkeypatch):
+    """A first compilation that fails leaves every further row without a compile time."""
+
+    def broken(case, mode, state_dict):
+        module = _eager_as_compiled(bench)(case, mode, state_dict)
+        module.forward = lambda x: (_ for _ in ()).throw(RuntimeError("no compiler"))
+        return module
+
+    monkeypatch.setattr(bench, "_compiled_module", broken)
+    notes = []
+    rows = bench.run_benchmark(_tiny_cases(bench, ("float32", "bfloat16")), modes=["fwdbwd"], compile_policy="all",
+                               reps=2, copy_gbps=1.0, progress=False, notes=notes)
+    assert [r["compile_ms"] for r in rows] == [None, None]
+    assert rows[0]["note"] == "torch.compile failed: RuntimeError: no compiler" and rows[1]["note"] == ""
+    assert notes == ["torch.compile column skipped: compiling failed (RuntimeError: no compiler)"]
+
+
+def test_compile_policy_flags(bench):
+    def policy(*argv, device="cpu"):
+        return bench.compile_policy_for(bench.parse_args(list(argv)), device)[0]
+
+    assert policy() == "fwdbwd-float32"
+    assert policy("--quick") == "fwdbwd-float32"
+    assert policy("--no-compile") == "none"
+    assert policy("--compile-all") == "all"
+    assert policy("--compile-policy", "fwdbwd") == "fwdbwd"
+    assert policy("--compile-policy", "none") == "none"
+    assert policy("--compile-policy", "all") == "all"
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--no-compile", "--compile-policy", "all"])
+    [f32, bf16] = _tiny_cases(bench, ("float32", "bfloat16"))
+    assert bench._wants_compile("fwdbwd", bf16, "fwdbwd") and not bench._wants_compile("fwdbwd", f32, "fwd")
+    assert not bench._wants_compile("fwdbwd-float32", bf16, "fwdbwd")
+
+
+@pytest.mark.parametrize("op, kernel", [("aten::cudnn_batch_norm", "cudnn"), ("aten::miopen_batch_norm", "miopen")])
+def test_torch_kernel_from_profiled_ops(bench, monkeypatch, op, kernel):
+    """"native" on the CPU; what the recorded op names say when eager runs a vendor kernel."""
+    [case] = _tiny_cases(bench)
+    for mode in bench.MODES:
+        assert bench.torch_kernel(case, mode) == "native"
+
+    class VendorBatchNorm(torch.nn.BatchNorm1d):
+        def forward(self, input):
+            with torch.profiler.record_function(op):
+                return super().forward(input)
+
+    monkeypatch.setitem(bench.TORCH_BN, 1, VendorBatchNorm)
+    for mode in bench.MODES:
+        assert bench.torch_kernel(case, mode) == kernel
+
+
+def test_no_function_rebinds_torch(bench):
+    """A function-local `import torch.x` makes `torch` local to the whole function, so every
+    other use of `torch` in it fails when that import did not run (seen on a GPU with
+    --no-compile: UnboundLocalError at torch.cuda.empty_cache())."""
+    import types
+
+    funcs = [f for f in vars(bench).values() if isinstance(f, types.FunctionType) and f.__module__ == bench.__name__]
+    assert funcs
+    assert [f.__name__ for f in funcs if "torch" in f.__code__.co_varnames] == []

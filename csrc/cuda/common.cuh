@@ -116,15 +116,24 @@ inline int64_t cl_splits(const Geometry& g, int sm_count, int vc) {
   return std::max<int64_t>(1, std::min<int64_t>(splits, kMaxGridY));
 }
 
-// Planar reduction block: x covers positions of a plane (v values a thread), y covers units
-// (planes or plane pieces) of the block's channel, so small planes keep every thread busy.
+// Vectors a thread of a planar reduction loads per unit (a plane or plane piece), at least
+// where the plane allows: independent loads in flight before the first is used.
+constexpr int kReduceVecsPerThread = 4;
+
+// Planar reduction block: x covers positions of a plane (v values a thread, about
+// kReduceVecsPerThread vectors per unit), y covers units (planes or plane pieces) of the
+// block's channel, so small planes keep every thread busy.
 struct PlanarReduceBlock {
   int bx, by;
   PlanarReduceBlock(int64_t S, int v) {
-    bx = next_pow2(ceil_div(S, v));
+    bx = next_pow2(ceil_div(ceil_div(S, v), kReduceVecsPerThread));
     by = kThreads / bx;
   }
 };
+
+// Finalize kernels (the fixed-order merge of a reduction's `splits` partials per channel):
+// a warp per channel, kFinalizeChannels channels (warps) a block of dim3(32, kFinalizeChannels).
+constexpr int kFinalizeChannels = kThreads / 32;
 
 // Units of a planar reduction: each plane cut into `pieces` pieces of `len` values (a multiple
 // of v), chosen so that the N * pieces units spread evenly over the splits * by unit slots

@@ -134,18 +134,25 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// One thread per channel: sum the splits in order (in double); dw-style sum uses invstd.
+// A warp per channel (threadIdx.y): lane l sums partials l, l + 32, ... in order (in double),
+// then the lanes add in a fixed shuffle tree; sum_dy_xhat is scaled by invstd.
 template <class Acc>
 __global__ void grad_finalize_kernel(const Acc* __restrict__ ws_a, const Acc* __restrict__ ws_b, int64_t splits,
                                      int64_t C, ChannelStats<Acc> st, Acc* __restrict__ sum_dy,
                                      Acc* __restrict__ sum_dy_xhat) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= C) return;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+  if (c >= C) return;  // the whole warp
   double a = 0, b = 0;
-  for (int64_t k = 0; k < splits; ++k) {
+  for (int64_t k = threadIdx.x; k < splits; k += 32) {
     a += static_cast<double>(ws_a[k * C + c]);
     b += static_cast<double>(ws_b[k * C + c]);
   }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    a += __shfl_down_sync(0xffffffffu, a, off);
+    b += __shfl_down_sync(0xffffffffu, b, off);
+  }
+  if (threadIdx.x != 0) return;
   sum_dy[c] = static_cast<Acc>(a);
   sum_dy_xhat[c] = static_cast<Acc>(b * static_cast<double>(channel_invstd(st, c)));
 }
@@ -265,7 +272,8 @@ cudaError_t launch_grad_reduce(const Geometry& g, const T* dy, const T* x, Chann
           dy, x, r, relu, g.N, g.C, g.S, splits, pc.pieces, pc.len, st, af, ws.a, ws.b);
   }
   ReduceWorkspace<Acc> ws(workspace, splits, g.C);
-  FASTBN_LAUNCH(static_cast<unsigned>(ceil_div(g.C, kThreads)), kThreads, 0, env.stream, grad_finalize_kernel<Acc>)(
+  FASTBN_LAUNCH(static_cast<unsigned>(ceil_div(g.C, kFinalizeChannels)), dim3(32, kFinalizeChannels), 0, env.stream,
+                grad_finalize_kernel<Acc>)(
       ws.a, ws.b, splits, g.C, st, sum_dy, sum_dy_xhat);
   return cudaGetLastError();
 }

@@ -1,7 +1,7 @@
 // Per-channel batch statistics: a split reduction whose partial Welford states are merged
 // in a fixed order (deterministic, no atomics), for the planar and channels-last layouts.
 //   1. partial kernel: block (channel [tile], split) -> Welford state into the workspace
-//   2. finalize kernel: one thread per channel merges its splits' states (Chan, in double)
+//   2. finalize kernel: a warp per channel merges its splits' states (Chan, in double, fixed order)
 #include "common.cuh"
 
 namespace fastbn {
@@ -130,18 +130,22 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// One thread per channel: merge the splits' partial states in order (in double).
+// A warp per channel (threadIdx.y): lane l merges partials l, l + 32, ... in order (in
+// double), then the lanes merge in a fixed shuffle tree; the order depends on `splits` alone.
 template <class Acc>
 __global__ void stats_finalize_kernel(const int64_t* __restrict__ ws_n, const Acc* __restrict__ ws_mean,
                                       const Acc* __restrict__ ws_m2, int64_t splits, int64_t C, Acc eps,
                                       Acc* __restrict__ mean, Acc* __restrict__ var, Acc* __restrict__ invstd) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= C) return;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+  if (c >= C) return;  // the whole warp
   WelfordState<double> s{0, 0.0, 0.0};
-  for (int64_t k = 0; k < splits; ++k) {
+  for (int64_t k = threadIdx.x; k < splits; k += 32) {
     const int64_t i = k * C + c;
     s = chan_merge(s, WelfordState<double>{ws_n[i], static_cast<double>(ws_mean[i]), static_cast<double>(ws_m2[i])});
   }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) s = chan_merge(s, shfl_down(s, off));
+  if (threadIdx.x != 0) return;
   const Acc v = static_cast<Acc>(biased_var(s));
   mean[c] = static_cast<Acc>(s.mean);
   var[c] = v;
@@ -195,7 +199,8 @@ cudaError_t launch_stats(const Geometry& g, const T* x, acc_t<T>* mean, acc_t<T>
     else launch_planar<T, 1>(g, x, ws, splits, env.stream);
   }
   ReduceWorkspace<Acc> ws(workspace, splits, g.C);
-  FASTBN_LAUNCH(static_cast<unsigned>(ceil_div(g.C, kThreads)), kThreads, 0, env.stream, stats_finalize_kernel<Acc>)(
+  FASTBN_LAUNCH(static_cast<unsigned>(ceil_div(g.C, kFinalizeChannels)), dim3(32, kFinalizeChannels), 0, env.stream,
+                stats_finalize_kernel<Acc>)(
       ws.n, ws.a, ws.b, splits, g.C, static_cast<Acc>(eps), mean, var, invstd);
   return cudaGetLastError();
 }
