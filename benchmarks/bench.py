@@ -586,6 +586,10 @@ def _time_row(row, case, mode, impl_factory, reps, min_time_s, copy_gbps):
     row["pct_copy_bw"] = 100 * row["gbps"] / copy_gbps
 
 
+def _append_note(row, text):
+    row["note"] = "; ".join(filter(None, [row["note"], text]))
+
+
 def _compile_pass(to_compile, reps, min_time_s, notes, deadline, progress):
     """Second pass (see run_benchmark): fills compile_ms and speedup_compile of each row in
     `to_compile` ((case, mode, row) with the first pass's fastbn_ms), appending run-wide
@@ -605,14 +609,14 @@ def _compile_pass(to_compile, reps, min_time_s, notes, deadline, progress):
             compiled = _compiled_module(case, mode, _reference_module(case, seed=0).state_dict())
             times, errors = time_case(case, mode, {"compile": compiled}, reps, min_time_s)
         except torch.OutOfMemoryError:
-            row["note"] = "; ".join(filter(None, [row["note"], "torch.compile: does not fit in device memory"]))
+            _append_note(row, "torch.compile: does not fit in device memory")
             continue
         finally:
             bar.update()
             if case.device == "cuda":
                 torch.cuda.empty_cache()
         if "compile" in errors:
-            row["note"] = "; ".join(filter(None, [row["note"], f"torch.compile failed: {errors['compile']}"]))
+            _append_note(row, f"torch.compile failed: {errors['compile']}")
             if not compile_ok:
                 notes.append(f"torch.compile column skipped: compiling failed ({errors['compile']})")
                 break

@@ -3,6 +3,8 @@ torch for every kernel path (planar/channels-last, vectorised/scalar, one or man
 relu/residual), bitwise determinism, > 2^31 elements, non-default streams, CUDA-graph
 capture of a training step. The device-parametrised suites (parity, gradcheck, ops, errors,
 numerics) also run their CUDA variants."""
+import functools
+
 import pytest
 import torch
 from helpers import HAS_CUDA, assert_sums_close, make_input, make_pair, poisoned_outputs, tol
@@ -62,13 +64,10 @@ def test_cuda_matches_cpu(case, dtype, fused, training):
     gpu = _run(x.cuda(), w.cuda(), b.cuda(), r.cuda() if fused else None, fused, training, rm_c, rv_c)
     t = tol(dtype)
     m = x.numel() // C
-    exact = []  # fastbn's CPU kernels in float64, run only if a sum differs
-
-    def exact_sum(i):
-        if not exact:
-            exact.extend(_run(x.double(), w.double(), b.double(), r.double() if fused else None, fused, training,
-                              rm.double(), rv.double(), grad_dtype=dtype))
-        return exact[i]
+    @functools.cache
+    def exact():  # fastbn's CPU kernels in float64, run only if a sum differs
+        return _run(x.double(), w.double(), b.double(), r.double() if fused else None, fused, training,
+                    rm.double(), rv.double(), grad_dtype=dtype)
 
     # dw = invstd * sum(dy * (x - mean)) with the batch mean rounded to float32: half an ulp of
     # it, times |sum(dy)| * invstd, is beyond any float32 kernel's reach.
@@ -81,7 +80,7 @@ def test_cuda_matches_cpu(case, dtype, fused, training):
             continue
         if name in ("dw", "db"):
             extra = mean_ulp * cpu[3].double().abs() * invstd if name == "dw" and training else 0.0
-            assert_sums_close(a.cpu(), e, lambda i=i: exact_sum(i), m, name, extra)
+            assert_sums_close(a.cpu(), e, lambda i=i: exact()[i], m, name, extra)
         else:
             torch.testing.assert_close(a.cpu(), e, **t, msg=lambda s: f"{name}: {s}")
     if training:

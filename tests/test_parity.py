@@ -2,6 +2,7 @@
 gradients and every buffer after each of several training steps, then eval outputs and
 gradients, over constructor arguments, ranks, layouts and dtypes."""
 import copy
+import functools
 import itertools
 
 import pytest
@@ -78,12 +79,10 @@ def run_steps(ref, ours, shape, dtype, device, layout, steps=3):
         for p in list(ref.parameters()) + list(ours.parameters()):
             p.grad = None
         ref64 = copy.deepcopy(ref).double()  # this step in float64, run only if a sum differs
-        done = []
 
-        def exact_module(ref64=ref64, x=x, done=done):
-            if not done:
-                ref64(x.detach().double().requires_grad_()).backward(g.double())
-                done.append(True)
+        @functools.cache
+        def exact_module():
+            ref64(x.detach().double().requires_grad_()).backward(g.double())
             return ref64
 
         y_ref = ref(x_ref)
