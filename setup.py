@@ -1,5 +1,7 @@
 """Build fastbn._C: CPU kernels always, CUDA kernels when the CUDA toolkit and a CUDA build
-of torch are present (FASTBN_CUDA=0/1 overrides). No GPU is needed to build.
+of torch are present (FASTBN_CUDA=0/1 overrides). No GPU is needed to build. TORCH_CUDA_ARCH_LIST
+picks the architectures (default sm_80 and sm_90 plus PTX); FASTBN_NVCC_FLAGS adds nvcc flags
+(e.g. "-Xptxas -v" for the per-kernel register and spill report).
 
 Install with `pip install --no-build-isolation .` (or `-e .`) after torch is installed, so pip
 does not pull a second torch into an isolated build environment.
@@ -43,7 +45,7 @@ if want_cuda():
         define_macros=[("FASTBN_WITH_CUDA", "1")],
         extra_compile_args={
             "cxx": cxx_flags,
-            "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr"],
+            "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr"] + os.environ.get("FASTBN_NVCC_FLAGS", "").split(),
         },
         **ext_kwargs,
     )

@@ -1,17 +1,43 @@
 // The two facts the CUDA backend needs from PyTorch's CUDA runtime: the current stream and
 // the device's multiprocessor count. Kept apart because only CUDA builds of PyTorch ship
-// these headers (every other file of the backend compiles against any PyTorch).
-#include <ATen/cuda/CUDAContext.h>
+// c10/cuda (every other file of the backend compiles against any PyTorch). Includes only
+// c10/cuda and the CUDA runtime API, so it builds against a runtime-only CUDA toolkit (no
+// cuBLAS/cuSPARSE headers, which ATen/cuda/CUDAContext.h would pull in).
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+
+#include <array>
+#include <atomic>
 
 #include "cuda_env.h"
 
 namespace fastbn {
 namespace cuda {
 
+namespace {
+
+// Multiprocessor count of device `dev`, queried once per device (0 in the cache = not yet).
+int multiprocessor_count(c10::DeviceIndex dev) {
+  static std::array<std::atomic<int>, 64> cache{};
+  const bool cached = dev >= 0 && static_cast<size_t>(dev) < cache.size();
+  if (cached) {
+    const int known = cache[dev].load(std::memory_order_relaxed);
+    if (known > 0) return known;
+  }
+  int count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, dev));
+  if (cached) cache[dev].store(count, std::memory_order_relaxed);
+  return count;
+}
+
+}  // namespace
+
 LaunchEnv current_env() {
+  const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream();
   LaunchEnv env;
-  env.stream = at::cuda::getCurrentCUDAStream().stream();
-  env.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  env.stream = stream.stream();
+  env.sm_count = multiprocessor_count(stream.device_index());
   return env;
 }
 

@@ -1,0 +1,45 @@
+"""What the built fastbn._C registers: every op on the CPU and Meta (fake) keys, and on the
+CUDA key when the build has its CUDA kernels. FASTBN_EXPECT_CUDA=1 (set by
+scripts/ci_cuda_build.sh) makes a build without CUDA kernels a failure instead of a skip."""
+import os
+
+import pytest
+import torch
+
+import fastbn
+
+OPS = ("forward_train", "forward_eval", "update_running_stats", "backward_train", "backward_eval", "batch_stats",
+       "merge_stats", "normalize", "backward_reduce", "backward_elemt")
+EXPECT_CUDA = os.environ.get("FASTBN_EXPECT_CUDA") == "1"
+
+
+def registered_ops():
+    fastbn.ops  # noqa: B018 -- importing fastbn loads _C, which registers the schemas
+    return sorted(n[len("fastbn::"):] for n in torch._C._dispatch_get_all_op_names() if n.startswith("fastbn::"))
+
+
+def missing_kernels(key):
+    return [op for op in OPS if not torch._C._dispatch_has_kernel_for_dispatch_key(f"fastbn::{op}", key)]
+
+
+def test_every_op_is_registered():
+    assert registered_ops() == sorted(OPS)
+
+
+@pytest.mark.parametrize("key", ["CPU", "Meta"])
+def test_every_op_has_a_kernel(key):
+    assert missing_kernels(key) == []
+
+
+def test_every_op_has_a_cuda_kernel():
+    if not fastbn.built_with_cuda():
+        assert not EXPECT_CUDA, "FASTBN_EXPECT_CUDA=1 but fastbn was built without its CUDA kernels"
+        pytest.skip("fastbn built without CUDA kernels")
+    assert missing_kernels("CUDA") == []
+
+
+def test_no_cuda_kernel_in_a_cpu_build():
+    """The check above can fail: a CPU-only build registers no CUDA kernel at all."""
+    if fastbn.built_with_cuda():
+        pytest.skip("fastbn built with CUDA kernels")
+    assert missing_kernels("CUDA") == list(OPS)
