@@ -43,7 +43,7 @@ if ! "$PY" -c "import torch, torchvision, sys; sys.exit(not torch.__version__.st
   python3 -m venv "$VENV"
   "$PY" -m pip install -q "$TORCH_REQ" "$VISION_REQ"
 fi
-"$PY" -m pip install -q numpy pytest matplotlib scikit-learn tqdm
+PYTHON=$PY bash "$ROOT/scripts/setup.sh" --deps-only  # the test suite's packages
 "$PY" -c "import torch, torchvision; print('torch', torch.__version__, '(CUDA', torch.version.cuda, ') torchvision', torchvision.__version__)"
 t_venv=$(date +%s)
 

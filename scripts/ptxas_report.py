@@ -1,6 +1,6 @@
 """Per-kernel resource report from nvcc's `-Xptxas -v` output (a build log on stdin or in the
-files named): one line per kernel with its registers, stack frame and spill bytes for each
-architecture, then a summary line. Exit status 1 if the log holds no ptxas report at all
+files named): per kernel, its name, then one line with its registers, stack frame and spill
+bytes for each architecture; then a summary line per architecture and the kernels that spill. Exit status 1 if the log holds no ptxas report at all
 (the flag was lost), so a build that stops reporting cannot pass unnoticed.
 
     python scripts/ptxas_report.py build.log [more.log ...]
@@ -28,6 +28,10 @@ def parse(lines):
         elif cur is not None and (m := REGS.search(line)):
             out[cur]["regs"] = int(m.group(1))
     return out
+
+
+def spills(r):
+    return bool(r.get("spill_st") or r.get("spill_ld"))
 
 
 def demangle(names):
@@ -58,13 +62,12 @@ def main(paths):
                 cols.append(f"{arch} {r.get('regs', '?'):>3} regs, stack {r.get('stack', 0)} B, "
                             f"spill {r.get('spill_st', 0)}/{r.get('spill_ld', 0)} B")
         print(f"{pretty[name]}\n    " + " | ".join(cols))
-    spilling = sorted({f"{pretty[k]} ({a})" for (k, a), r in kernels.items() if r.get("spill_st") or r.get("spill_ld")})
     for arch in archs:
-        regs = [r.get("regs", 0) for (_, a), r in kernels.items() if a == arch]
-        n_spill = sum(1 for (_, a), r in kernels.items() if a == arch and (r.get("spill_st") or r.get("spill_ld")))
-        print(f"ptxas {arch}: {len(regs)} kernels, registers {min(regs)}-{max(regs)}, "
-              f"{n_spill} with spills")
-    for s in spilling:
+        mine = [r for (_, a), r in kernels.items() if a == arch]
+        regs = [r.get("regs", 0) for r in mine]
+        print(f"ptxas {arch}: {len(mine)} kernels, registers {min(regs)}-{max(regs)}, "
+              f"{sum(map(spills, mine))} with spills")
+    for s in sorted({f"{pretty[k]} ({a})" for (k, a), r in kernels.items() if spills(r)}):
         print(f"  spills: {s}")
     return 0
 

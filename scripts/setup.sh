@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up fastbn on a fresh machine: torch (the CPU build when none is installed), the Python
-# packages the tests, benchmark and example use, then fastbn itself (in place, editable).
+# packages the tests, benchmark and example use, then fastbn itself (in place, editable;
+# not with --deps-only).
 # Installs only what is missing, so it also works offline where everything is present.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +16,7 @@ need pytest pytest
 need matplotlib matplotlib
 need sklearn scikit-learn
 need tqdm tqdm
+if [ "${1:-}" = "--deps-only" ]; then exit 0; fi  # the packages only, not fastbn
 # Build only when the sources changed since the last build made here.
 stamp=$(cat setup.py $(find csrc -type f | sort) | sha1sum | cut -d' ' -f1)
 here=$("$PY" -c "import os; print(os.path.realpath('fastbn'))")
