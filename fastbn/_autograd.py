@@ -71,10 +71,14 @@ class BatchNormTrain(torch.autograd.Function):
         ctx.residual_given = residual is not None
         ctx.save_for_backward(input, weight, bias, residual if relu else None, mean, invstd)
         ctx.mark_non_differentiable(mean, var)
+        # The statistics' gradients are never used: no zero tensors are made for them.
+        ctx.set_materialize_grads(False)
         return out, mean, var
 
     @staticmethod
     def backward(ctx, grad_out, _grad_mean, _grad_var):
+        if grad_out is None:  # only reachable through the statistics: no gradient flows
+            return None, None, None, None, None, None
         x, weight, bias, residual, mean, invstd = ctx.saved_tensors
         if torch.is_grad_enabled():
             return (*_double_backward(ctx, grad_out, x, weight, bias, residual, None, None, True), None, None)

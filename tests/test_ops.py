@@ -127,6 +127,37 @@ def test_no_aten_batch_norm(device, training):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_training_step_makes_no_zero_gradients(device):
+    """A training step's backward makes no zero tensors for the (non-differentiable) batch
+    statistics outputs: each would be an extra allocation and kernel launch a step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from fastbn._autograd import BatchNormTrain
+
+    _, m = make_pair(2, 4, device)
+    x = make_input((3, 4, 5, 5), torch.float32, device).requires_grad_()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        m(x).backward(torch.randn_like(x))
+    zeros = [e.name for e in prof.events() if e.name in ("aten::zeros", "aten::zeros_like", "aten::zero_")]
+    assert not zeros, zeros
+    # With gradient materialisation on (autograd's default), the same step makes them.
+    old = BatchNormTrain.forward
+
+    def materialising(ctx, *args):
+        out = old(ctx, *args)
+        ctx.set_materialize_grads(True)
+        return out
+
+    BatchNormTrain.forward = staticmethod(materialising)
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            m(x).backward(torch.randn_like(x))
+    finally:
+        BatchNormTrain.forward = staticmethod(old)
+    assert any(e.name == "aten::zeros" for e in prof.events())
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_ops_write_every_element(device):
     """Outputs poisoned with NaN before each op: any unwritten element would remain NaN."""
     with poisoned_outputs():

@@ -5,6 +5,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
+#include <type_traits>
 
 #include "../bn_math.h"
 #include "launch.h"
@@ -56,6 +58,57 @@ template <int N, class T> __device__ __forceinline__ void store_acc(T* __restric
 
 inline bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+// Whether every pointer (null ones ignored) is aligned to `bytes`.
+inline bool aligned_to(size_t bytes, std::initializer_list<const void*> ptrs) {
+  for (const void* p : ptrs)
+    if (p != nullptr && reinterpret_cast<uintptr_t>(p) % bytes != 0) return false;
+  return true;
+}
+
+// Vector width (values a thread loads at once) of a planar reduction over planes of S values
+// of type T: the 16-byte width when S is a multiple of it, else half of it (8 bytes; e.g.
+// 14x14 planes in half precision), else 1; wider only where every pointer is aligned to it.
+template <class T> inline int planar_reduce_vec(int64_t S, std::initializer_list<const void*> ptrs) {
+  constexpr int W = vec_width<T>();
+  if (S % W == 0 && aligned_to(sizeof(T) * W, ptrs)) return W;
+  if (W >= 4 && S % (W / 2) == 0 && aligned_to(sizeof(T) * W / 2, ptrs)) return W / 2;
+  return 1;
+}
+
+// Calls f(std::integral_constant<int, V>{}) for V = v, one of vec_width<T>(), its half, or 1.
+template <class T, class F> inline void with_vec(int v, F&& f) {
+  constexpr int W = vec_width<T>();
+  if (v == W) {
+    f(std::integral_constant<int, W>{});
+  } else if constexpr (W >= 4) {
+    if (v == W / 2) f(std::integral_constant<int, W / 2>{});
+    else f(std::integral_constant<int, 1>{});
+  } else {
+    f(std::integral_constant<int, 1>{});
+  }
+}
+
+// Whether an elementwise pass over planes of S values takes the flat path (see
+// FlatPos): S not a multiple of the vector width W, but at least W (a vector spans at most
+// two planes), the element count a multiple of W and every pointer 16-byte aligned.
+template <class T> inline bool use_flat(int64_t S, int64_t numel, bool aligned) {
+  constexpr int W = vec_width<T>();
+  return S % W != 0 && S >= W && numel % W == 0 && aligned;
+}
+
+// Position of flat element i of a planar (N, C, S) tensor: its channel c and how many values
+// of its plane remain from it (rest, >= 1). A vector of V <= S values starting at i covers
+// channel c for its first min(rest, V) values and channel (c + 1) % C for the others.
+struct FlatPos {
+  int64_t c, rest;
+  __device__ __forceinline__ FlatPos(int64_t i, int64_t C, int64_t S) {
+    const int64_t plane = i / S;
+    c = plane % C;
+    rest = (plane + 1) * S - i;
+  }
+  __device__ __forceinline__ int64_t next_c(int64_t C) const { return c + 1 == C ? 0 : c + 1; }
+};
+
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int next_pow2(int64_t v) {
   int p = 1;
@@ -81,6 +134,13 @@ struct ClBlock {
 inline int64_t elementwise_grid_y(int64_t rows, int by, int64_t grid_x, int sm_count) {
   const int64_t fill = ceil_div(static_cast<int64_t>(std::max(sm_count, 1)) * kElemBlocksPerSM, grid_x);
   return std::max<int64_t>(1, std::min({ceil_div(rows, by), fill, static_cast<int64_t>(kMaxGridY)}));
+}
+
+// Blocks of kThreads of a flat elementwise pass over numel values, v a thread: enough to
+// fill the GPU; the threads loop over the rest.
+inline unsigned flat_blocks(int64_t numel, int v, int sm_count) {
+  const int64_t fill = static_cast<int64_t>(std::max(sm_count, 1)) * kElemBlocksPerSM;
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min(ceil_div(ceil_div(numel, v), kThreads), fill)));
 }
 
 // Planar elementwise block: x covers positions in a plane (V values a thread), y covers planes.
@@ -134,6 +194,8 @@ struct PlanarReduceBlock {
 // Finalize kernels (the fixed-order merge of a reduction's `splits` partials per channel):
 // a warp per channel, kFinalizeChannels channels (warps) a block of dim3(32, kFinalizeChannels).
 constexpr int kFinalizeChannels = kThreads / 32;
+// Partials a finalize lane loads before merging them (independent loads in flight).
+constexpr int kFinalizeBatch = 4;
 
 // Units of a planar reduction: each plane cut into `pieces` pieces of `len` values (a multiple
 // of v), chosen so that the N * pieces units spread evenly over the splits * by unit slots

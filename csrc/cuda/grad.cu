@@ -1,5 +1,6 @@
 // Backward: per-channel sums (split reduction, fixed-order merge, no atomics) and the
-// elementwise grad_input / grad_residual pass. dy_eff = dy, masked by the relu of the
+// elementwise grad_input / grad_residual pass (planar, flat across planes, or channels-last,
+// as in normalize.cu). dy_eff = dy, masked by the relu of the
 // recomputed pre-activation (bn_math.h pre_activation) when the forward had relu.
 #include "common.cuh"
 
@@ -134,8 +135,9 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// A warp per channel (threadIdx.y): lane l sums partials l, l + 32, ... in order (in double),
-// then the lanes add in a fixed shuffle tree; sum_dy_xhat is scaled by invstd.
+// A warp per channel (threadIdx.y): lane l sums partials l, l + 32, ... in order (in double;
+// kFinalizeBatch of them loaded at a time), then the lanes add in a fixed shuffle tree;
+// sum_dy_xhat is scaled by invstd.
 template <class Acc>
 __global__ void grad_finalize_kernel(const Acc* __restrict__ ws_a, const Acc* __restrict__ ws_b, int64_t splits,
                                      int64_t C, ChannelStats<Acc> st, Acc* __restrict__ sum_dy,
@@ -143,9 +145,23 @@ __global__ void grad_finalize_kernel(const Acc* __restrict__ ws_a, const Acc* __
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   if (c >= C) return;  // the whole warp
   double a = 0, b = 0;
-  for (int64_t k = threadIdx.x; k < splits; k += 32) {
-    a += static_cast<double>(ws_a[k * C + c]);
-    b += static_cast<double>(ws_b[k * C + c]);
+  for (int64_t k0 = threadIdx.x; k0 < splits; k0 += 32 * kFinalizeBatch) {
+    // All loads first (unconditional: past the last split the index is clamped and the
+    // value dropped below), so that they overlap; then the sums in order.
+    Acc pa[kFinalizeBatch], pb[kFinalizeBatch];
+#pragma unroll
+    for (int j = 0; j < kFinalizeBatch; ++j) {
+      const int64_t i = min(k0 + 32 * j, splits - 1) * C + c;
+      pa[j] = ws_a[i];
+      pb[j] = ws_b[i];
+    }
+#pragma unroll
+    for (int j = 0; j < kFinalizeBatch; ++j) {
+      if (k0 + 32 * j < splits) {
+        a += static_cast<double>(pa[j]);
+        b += static_cast<double>(pb[j]);
+      }
+    }
   }
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) {
@@ -214,6 +230,41 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Flat (as normalize_flat_kernel): vectors of V values over the (N, C, S) tensor seen as
+// numel values; a vector crossing into the next plane takes its coefficients there.
+template <class T, int V>
+__global__ void __launch_bounds__(kThreads)
+    grad_input_flat_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ r, bool relu,
+                           int64_t numel, int64_t C, int64_t S, GradArgs<acc_t<T>> ga, T* __restrict__ dx,
+                           T* __restrict__ dr) {
+  using Acc = acc_t<T>;
+  for (int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * V; i < numel;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x * V) {
+    const FlatPos pos(i, C, S);
+    const FwdCoef<Acc> k0 = forward_coef(ga.st, ga.af, pos.c);
+    const BwdCoef<Acc> g0 = ga.coef(pos.c);
+    FwdCoef<Acc> k[V];
+    BwdCoef<Acc> gk[V];
+    if (pos.rest >= V) {
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        k[j] = k0;
+        gk[j] = g0;
+      }
+    } else {
+      const int64_t c1 = pos.next_c(C);
+      const FwdCoef<Acc> k1 = forward_coef(ga.st, ga.af, c1);
+      const BwdCoef<Acc> g1 = ga.coef(c1);
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        k[j] = j < pos.rest ? k0 : k1;
+        gk[j] = j < pos.rest ? g0 : g1;
+      }
+    }
+    grad_vec<V>(dy, x, r, relu, k, gk, i, dx, dr);
+  }
+}
+
 template <class T, int VC>
 __global__ void __launch_bounds__(kThreads)
     grad_input_cl_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ r, bool relu,
@@ -257,19 +308,16 @@ cudaError_t launch_grad_reduce(const Geometry& g, const T* dy, const T* x, Chann
       FASTBN_LAUNCH(grid, block, smem, env.stream, grad_reduce_cl_kernel<T, 1>)(dy, x, r, relu, g.rows(), g.C, st, af,
                                                                                 ws.a, ws.b);
   } else {
-    const bool vec = g.S % V == 0 && aligned;
     splits = planar_splits(g, env.sm_count);
     ReduceWorkspace<Acc> ws(workspace, splits, g.C);
-    const PlanarReduceBlock blk(g.S, vec ? V : 1);
-    const PlanarPieces pc(g, splits * blk.by, vec ? V : 1);
-    const unsigned blocks = static_cast<unsigned>(g.C * splits);
-    const dim3 block(blk.bx, blk.by);
-    if (vec)
-      FASTBN_LAUNCH(blocks, block, 0, env.stream, grad_reduce_planar_kernel<T, V>)(
-          dy, x, r, relu, g.N, g.C, g.S, splits, pc.pieces, pc.len, st, af, ws.a, ws.b);
-    else
-      FASTBN_LAUNCH(blocks, block, 0, env.stream, grad_reduce_planar_kernel<T, 1>)(
-          dy, x, r, relu, g.N, g.C, g.S, splits, pc.pieces, pc.len, st, af, ws.a, ws.b);
+    with_vec<T>(planar_reduce_vec<T>(g.S, {dy, x, r}), [&](auto v) {
+      constexpr int VP = decltype(v)::value;
+      const PlanarReduceBlock blk(g.S, VP);
+      const PlanarPieces pc(g, splits * blk.by, VP);
+      FASTBN_LAUNCH(static_cast<unsigned>(g.C * splits), dim3(blk.bx, blk.by), 0, env.stream,
+                    grad_reduce_planar_kernel<T, VP>)(dy, x, r, relu, g.N, g.C, g.S, splits, pc.pieces, pc.len, st,
+                                                      af, ws.a, ws.b);
+    });
   }
   ReduceWorkspace<Acc> ws(workspace, splits, g.C);
   FASTBN_LAUNCH(static_cast<unsigned>(ceil_div(g.C, kFinalizeChannels)), dim3(32, kFinalizeChannels), 0, env.stream,
@@ -294,6 +342,10 @@ cudaError_t launch_grad_input(const Geometry& g, const T* dy, const T* x, Channe
       FASTBN_LAUNCH(grid, block, 0, env.stream, grad_input_cl_kernel<T, V>)(dy, x, r, relu, g.rows(), g.C, ga, dx, dr);
     else
       FASTBN_LAUNCH(grid, block, 0, env.stream, grad_input_cl_kernel<T, 1>)(dy, x, r, relu, g.rows(), g.C, ga, dx, dr);
+  } else if (use_flat<T>(g.S, g.N * g.C * g.S, aligned)) {
+    const int64_t numel = g.N * g.C * g.S;
+    FASTBN_LAUNCH(flat_blocks(numel, V, env.sm_count), kThreads, 0, env.stream, grad_input_flat_kernel<T, V>)(
+        dy, x, r, relu, numel, g.C, g.S, ga, dx, dr);
   } else {
     const bool vec = g.S % V == 0 && aligned;
     const PlanarBlock blk(g.N * g.C, g.S, vec ? V : 1, env.sm_count);

@@ -1,13 +1,28 @@
 // Elementwise normalisation: y = (x - mean) * a + b [+ r] [relu], a = invstd * w.
 // Planar: thread (tx, ty) handles positions of plane ty (one channel: its coefficients are
-// computed once per plane), V values a thread. Channels-last: thread tx owns VC channels
-// (coefficients computed once) and walks rows ty, ty + blockDim.y, ...
+// computed once per plane), V values a thread; planes whose size is not a multiple of the
+// vector width take the flat kernel (16-byte vectors across plane boundaries).
+// Channels-last: thread tx owns VC channels (coefficients computed once) and walks
+// its rows (grid-strided), two at a time.
 #include "common.cuh"
 
 namespace fastbn {
 namespace cuda {
 
 namespace {
+
+// v = act(pre_activation(v) [+ res]) in place; res is read only when has_res.
+template <int V, class Acc>
+__device__ __forceinline__ void affine_values(Acc (&v)[V], const Acc (&res)[V], bool has_res, bool relu,
+                                              const FwdCoef<Acc> (&k)[V]) {
+#pragma unroll
+  for (int i = 0; i < V; ++i) {
+    Acc t = pre_activation(v[i], k[i]);
+    if (has_res) t += res[i];
+    if (relu) t = t > Acc(0) ? t : Acc(0);
+    v[i] = t;
+  }
+}
 
 template <int V, class T, class Acc>
 __device__ __forceinline__ void affine_vec(const T* __restrict__ x, T* __restrict__ y, const T* __restrict__ r,
@@ -16,13 +31,7 @@ __device__ __forceinline__ void affine_vec(const T* __restrict__ x, T* __restric
   load_acc<V>(x + off, v);
   Acc res[V];
   if (r) load_acc<V>(r + off, res);
-#pragma unroll
-  for (int i = 0; i < V; ++i) {
-    Acc t = pre_activation(v[i], k[i]);
-    if (r) t += res[i];
-    if (relu) t = t > Acc(0) ? t : Acc(0);
-    v[i] = t;
-  }
+  affine_values<V>(v, res, r != nullptr, relu, k);
   store_acc<V>(y + off, v);
 }
 
@@ -45,6 +54,31 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Flat: thread t handles vectors t, t + gridDim.x * blockDim.x, ... of the (N, C, S) tensor
+// seen as numel values (numel a multiple of V, S >= V); a vector that crosses into the next
+// plane takes that plane's coefficients for its last values (FlatPos).
+template <class T, int V>
+__global__ void __launch_bounds__(kThreads)
+    normalize_flat_kernel(const T* __restrict__ x, T* __restrict__ y, const T* __restrict__ r, bool relu,
+                          int64_t numel, int64_t C, int64_t S, ChannelStats<acc_t<T>> st, Affine<acc_t<T>> af) {
+  using Acc = acc_t<T>;
+  for (int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * V; i < numel;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x * V) {
+    const FlatPos pos(i, C, S);
+    const FwdCoef<Acc> k0 = forward_coef(st, af, pos.c);
+    FwdCoef<Acc> k[V];
+    if (pos.rest >= V) {
+#pragma unroll
+      for (int j = 0; j < V; ++j) k[j] = k0;
+    } else {
+      const FwdCoef<Acc> k1 = forward_coef(st, af, pos.next_c(C));
+#pragma unroll
+      for (int j = 0; j < V; ++j) k[j] = j < pos.rest ? k0 : k1;
+    }
+    affine_vec<V>(x, y, r, relu, k, i);
+  }
+}
+
 template <class T, int VC>
 __global__ void __launch_bounds__(kThreads)
     normalize_cl_kernel(const T* __restrict__ x, T* __restrict__ y, const T* __restrict__ r, bool relu, int64_t M,
@@ -55,10 +89,22 @@ __global__ void __launch_bounds__(kThreads)
   FwdCoef<Acc> k[VC];
 #pragma unroll
   for (int i = 0; i < VC; ++i) k[i] = forward_coef(st, af, c0 + i);
-  for (int64_t m = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; m < M;
-       m += static_cast<int64_t>(gridDim.y) * blockDim.y) {
-    affine_vec<VC>(x, y, r, relu, k, m * C + c0);
+  const int64_t stride = static_cast<int64_t>(gridDim.y) * blockDim.y;
+  int64_t m = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y;
+  for (; m + stride < M; m += 2 * stride) {  // two rows: both loads before either store
+    Acc v0[VC], v1[VC], r0[VC], r1[VC];
+    load_acc<VC>(x + m * C + c0, v0);
+    load_acc<VC>(x + (m + stride) * C + c0, v1);
+    if (r) {
+      load_acc<VC>(r + m * C + c0, r0);
+      load_acc<VC>(r + (m + stride) * C + c0, r1);
+    }
+    affine_values<VC>(v0, r0, r != nullptr, relu, k);
+    affine_values<VC>(v1, r1, r != nullptr, relu, k);
+    store_acc<VC>(y + m * C + c0, v0);
+    store_acc<VC>(y + (m + stride) * C + c0, v1);
   }
+  if (m < M) affine_vec<VC>(x, y, r, relu, k, m * C + c0);
 }
 
 template <class T, int V>
@@ -89,8 +135,15 @@ cudaError_t launch_normalize(const Geometry& g, const T* x, T* y, ChannelStats<a
     if (g.C % V == 0 && aligned) launch_cl<T, V>(g, x, y, st, af, r, relu, env);
     else launch_cl<T, 1>(g, x, y, st, af, r, relu, env);
   } else {
-    if (g.S % V == 0 && aligned) launch_planar<T, V>(g, x, y, st, af, r, relu, env);
-    else launch_planar<T, 1>(g, x, y, st, af, r, relu, env);
+    const int64_t numel = g.N * g.C * g.S;
+    if (g.S % V == 0 && aligned) {
+      launch_planar<T, V>(g, x, y, st, af, r, relu, env);
+    } else if (use_flat<T>(g.S, numel, aligned)) {
+      FASTBN_LAUNCH(flat_blocks(numel, V, env.sm_count), kThreads, 0, env.stream, normalize_flat_kernel<T, V>)(
+          x, y, r, relu, numel, g.C, g.S, st, af);
+    } else {
+      launch_planar<T, 1>(g, x, y, st, af, r, relu, env);
+    }
   }
   return cudaGetLastError();
 }

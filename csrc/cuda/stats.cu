@@ -131,7 +131,8 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // A warp per channel (threadIdx.y): lane l merges partials l, l + 32, ... in order (in
-// double), then the lanes merge in a fixed shuffle tree; the order depends on `splits` alone.
+// double; kFinalizeBatch of them loaded at a time), then the lanes merge in a fixed shuffle
+// tree; the order depends on `splits` alone.
 template <class Acc>
 __global__ void stats_finalize_kernel(const int64_t* __restrict__ ws_n, const Acc* __restrict__ ws_mean,
                                       const Acc* __restrict__ ws_m2, int64_t splits, int64_t C, Acc eps,
@@ -139,9 +140,23 @@ __global__ void stats_finalize_kernel(const int64_t* __restrict__ ws_n, const Ac
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   if (c >= C) return;  // the whole warp
   WelfordState<double> s{0, 0.0, 0.0};
-  for (int64_t k = threadIdx.x; k < splits; k += 32) {
-    const int64_t i = k * C + c;
-    s = chan_merge(s, WelfordState<double>{ws_n[i], static_cast<double>(ws_mean[i]), static_cast<double>(ws_m2[i])});
+  for (int64_t k0 = threadIdx.x; k0 < splits; k0 += 32 * kFinalizeBatch) {
+    // All loads first (unconditional: past the last split the index is clamped and the
+    // value dropped below), so that they overlap; then the merges in order.
+    int64_t pn[kFinalizeBatch];
+    Acc pmean[kFinalizeBatch], pm2[kFinalizeBatch];
+#pragma unroll
+    for (int j = 0; j < kFinalizeBatch; ++j) {
+      const int64_t i = min(k0 + 32 * j, splits - 1) * C + c;
+      pn[j] = ws_n[i];
+      pmean[j] = ws_mean[i];
+      pm2[j] = ws_m2[i];
+    }
+#pragma unroll
+    for (int j = 0; j < kFinalizeBatch; ++j) {
+      if (k0 + 32 * j < splits)
+        s = chan_merge(s, WelfordState<double>{pn[j], static_cast<double>(pmean[j]), static_cast<double>(pm2[j])});
+    }
   }
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) s = chan_merge(s, shfl_down(s, off));
@@ -192,11 +207,9 @@ cudaError_t launch_stats(const Geometry& g, const T* x, acc_t<T>* mean, acc_t<T>
     if (vec) launch_cl<T, V>(g, x, ws, splits, env.stream);
     else launch_cl<T, 1>(g, x, ws, splits, env.stream);
   } else {
-    const bool vec = g.S % V == 0 && aligned16(x);
     splits = planar_splits(g, env.sm_count);
     ReduceWorkspace<Acc> ws(workspace, splits, g.C);
-    if (vec) launch_planar<T, V>(g, x, ws, splits, env.stream);
-    else launch_planar<T, 1>(g, x, ws, splits, env.stream);
+    with_vec<T>(planar_reduce_vec<T>(g.S, {x}), [&](auto v) { launch_planar<T, decltype(v)::value>(g, x, ws, splits, env.stream); });
   }
   ReduceWorkspace<Acc> ws(workspace, splits, g.C);
   FASTBN_LAUNCH(static_cast<unsigned>(ceil_div(g.C, kFinalizeChannels)), dim3(32, kFinalizeChannels), 0, env.stream,
