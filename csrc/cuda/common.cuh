@@ -56,14 +56,13 @@ template <int N, class T> __device__ __forceinline__ void store_acc(T* __restric
   *reinterpret_cast<Pack<T, N>*>(p) = pk;
 }
 
-inline bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 // Whether every pointer (null ones ignored) is aligned to `bytes`.
 inline bool aligned_to(size_t bytes, std::initializer_list<const void*> ptrs) {
   for (const void* p : ptrs)
     if (p != nullptr && reinterpret_cast<uintptr_t>(p) % bytes != 0) return false;
   return true;
 }
+inline bool aligned16(const void* p) { return aligned_to(16, {p}); }
 
 // Vector width (values a thread loads at once) of a planar reduction over planes of S values
 // of type T: the 16-byte width when S is a multiple of it, else half of it (8 bytes; e.g.
@@ -106,7 +105,19 @@ struct FlatPos {
     c = plane % C;
     rest = (plane + 1) * S - i;
   }
-  __device__ __forceinline__ int64_t next_c(int64_t C) const { return c + 1 == C ? 0 : c + 1; }
+  // k[j] = coef(channel of the vector's value j); coef is called once, or twice where the
+  // vector crosses into the next plane.
+  template <int V, class K, class F> __device__ __forceinline__ void coefs(int64_t C, F coef, K (&k)[V]) const {
+    const K k0 = coef(c);
+    if (rest >= V) {
+#pragma unroll
+      for (int j = 0; j < V; ++j) k[j] = k0;
+      return;
+    }
+    const K k1 = coef(c + 1 == C ? 0 : c + 1);
+#pragma unroll
+    for (int j = 0; j < V; ++j) k[j] = j < rest ? k0 : k1;
+  }
 };
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

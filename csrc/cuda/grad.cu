@@ -240,26 +240,18 @@ __global__ void __launch_bounds__(kThreads)
   using Acc = acc_t<T>;
   for (int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * V; i < numel;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x * V) {
-    const FlatPos pos(i, C, S);
-    const FwdCoef<Acc> k0 = forward_coef(ga.st, ga.af, pos.c);
-    const BwdCoef<Acc> g0 = ga.coef(pos.c);
+    struct Coefs {
+      FwdCoef<Acc> f;
+      BwdCoef<Acc> b;
+    };
+    Coefs both[V];  // one FlatPos::coefs call: one branch for both coefficient sets
+    FlatPos(i, C, S).coefs(C, [&](int64_t c) { return Coefs{forward_coef(ga.st, ga.af, c), ga.coef(c)}; }, both);
     FwdCoef<Acc> k[V];
     BwdCoef<Acc> gk[V];
-    if (pos.rest >= V) {
 #pragma unroll
-      for (int j = 0; j < V; ++j) {
-        k[j] = k0;
-        gk[j] = g0;
-      }
-    } else {
-      const int64_t c1 = pos.next_c(C);
-      const FwdCoef<Acc> k1 = forward_coef(ga.st, ga.af, c1);
-      const BwdCoef<Acc> g1 = ga.coef(c1);
-#pragma unroll
-      for (int j = 0; j < V; ++j) {
-        k[j] = j < pos.rest ? k0 : k1;
-        gk[j] = j < pos.rest ? g0 : g1;
-      }
+    for (int j = 0; j < V; ++j) {
+      k[j] = both[j].f;
+      gk[j] = both[j].b;
     }
     grad_vec<V>(dy, x, r, relu, k, gk, i, dx, dr);
   }
@@ -342,8 +334,7 @@ cudaError_t launch_grad_input(const Geometry& g, const T* dy, const T* x, Channe
       FASTBN_LAUNCH(grid, block, 0, env.stream, grad_input_cl_kernel<T, V>)(dy, x, r, relu, g.rows(), g.C, ga, dx, dr);
     else
       FASTBN_LAUNCH(grid, block, 0, env.stream, grad_input_cl_kernel<T, 1>)(dy, x, r, relu, g.rows(), g.C, ga, dx, dr);
-  } else if (use_flat<T>(g.S, g.N * g.C * g.S, aligned)) {
-    const int64_t numel = g.N * g.C * g.S;
+  } else if (const int64_t numel = g.N * g.C * g.S; use_flat<T>(g.S, numel, aligned)) {
     FASTBN_LAUNCH(flat_blocks(numel, V, env.sm_count), kThreads, 0, env.stream, grad_input_flat_kernel<T, V>)(
         dy, x, r, relu, numel, g.C, g.S, ga, dx, dr);
   } else {

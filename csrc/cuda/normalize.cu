@@ -64,17 +64,8 @@ __global__ void __launch_bounds__(kThreads)
   using Acc = acc_t<T>;
   for (int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * V; i < numel;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x * V) {
-    const FlatPos pos(i, C, S);
-    const FwdCoef<Acc> k0 = forward_coef(st, af, pos.c);
     FwdCoef<Acc> k[V];
-    if (pos.rest >= V) {
-#pragma unroll
-      for (int j = 0; j < V; ++j) k[j] = k0;
-    } else {
-      const FwdCoef<Acc> k1 = forward_coef(st, af, pos.next_c(C));
-#pragma unroll
-      for (int j = 0; j < V; ++j) k[j] = j < pos.rest ? k0 : k1;
-    }
+    FlatPos(i, C, S).coefs(C, [&](int64_t c) { return forward_coef(st, af, c); }, k);
     affine_vec<V>(x, y, r, relu, k, i);
   }
 }
