@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "bn_types.h"
 
@@ -19,8 +20,13 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #define FASTBN_HD __host__ __device__ __forceinline__
+#define FASTBN_HD_MEMBER __host__ __device__ __forceinline__
 #else
-#define FASTBN_HD inline
+#define FASTBN_HD_MEMBER inline __attribute__((always_inline))
+// always_inline: the templates below are compiled where they are instantiated, inside the CPU
+// ISA units' target regions (cpu/isa_avx2.cpp), so that their vector operations inline.
+// static: each translation unit has its own copy (see madd: FASTBN_HOST_FMA is per unit).
+#define FASTBN_HD static inline __attribute__((always_inline))
 #endif
 
 namespace fastbn {
@@ -97,20 +103,41 @@ FASTBN_HD float to_acc(f16 v) { return half_bits_to_float(v.bits); }
 FASTBN_HD float to_acc(bf16 v) { return bf16_bits_to_float(v.bits); }
 
 template <class T> struct from_acc_impl;
-template <> struct from_acc_impl<float> { FASTBN_HD static float get(float v) { return v; } };
-template <> struct from_acc_impl<double> { FASTBN_HD static double get(double v) { return v; } };
+template <> struct from_acc_impl<float> { FASTBN_HD_MEMBER static float get(float v) { return v; } };
+template <> struct from_acc_impl<double> { FASTBN_HD_MEMBER static double get(double v) { return v; } };
 template <> struct from_acc_impl<f16> {
-  FASTBN_HD static f16 get(float v) { return f16{float_to_half_bits(v)}; }
+  FASTBN_HD_MEMBER static f16 get(float v) { return f16{float_to_half_bits(v)}; }
 };
 template <> struct from_acc_impl<bf16> {
-  FASTBN_HD static bf16 get(float v) { return bf16{float_to_bf16_bits(v)}; }
+  FASTBN_HD_MEMBER static bf16 get(float v) { return bf16{float_to_bf16_bits(v)}; }
 };
 template <class T, class Acc> FASTBN_HD T from_acc(Acc v) { return from_acc_impl<T>::get(v); }
 
-// ---------------------------------------------------------------- scalar helpers
+// ---------------------------------------------------------------- value types
+// Every formula below is written once for a value type V: a scalar (float, double; CPU and
+// CUDA) or a CPU vector of lanes (cpu/vec.h: Vec<float>, Vec<double>), which provides
+// V::set1(s), +, -, *, / and the free functions madd, where_finite, relu_value and
+// where_positive (found by argument-dependent lookup). Per-lane results equal the scalar ones.
+
+// Scalar s as a V (every lane s).
+template <class V, class S> FASTBN_HD V splat(S s) {
+  if constexpr (std::is_arithmetic<V>::value) {
+    return static_cast<V>(s);
+  } else {
+    return V::set1(s);
+  }
+}
+
+// x * a + b: fused (one rounding) where the instruction set has FMA, which is on CUDA and in
+// the CPU units that define FASTBN_HOST_FMA before including this header (cpu/isa_avx2.cpp,
+// whose vectors fuse too: cpu/vec.h); elsewhere (the baseline CPU unit, the CPU driver) a
+// multiply and an add, as a software FMA would cost a call per value. One unit's scalar
+// and vector code round alike.
 FASTBN_HD float madd(float x, float a, float b) {
 #if defined(__CUDA_ARCH__)
   return fmaf(x, a, b);
+#elif defined(FASTBN_HOST_FMA)
+  return __builtin_fmaf(x, a, b);
 #else
   return x * a + b;
 #endif
@@ -118,10 +145,23 @@ FASTBN_HD float madd(float x, float a, float b) {
 FASTBN_HD double madd(double x, double a, double b) {
 #if defined(__CUDA_ARCH__)
   return fma(x, a, b);
+#elif defined(FASTBN_HOST_FMA)
+  return __builtin_fma(x, a, b);
 #else
   return x * a + b;
 #endif
 }
+template <class S> FASTBN_HD bool is_finite(S v) { return v - v == v - v; }
+// a where d is finite, else b.
+FASTBN_HD float where_finite(float d, float a, float b) { return is_finite(d) ? a : b; }
+FASTBN_HD double where_finite(double d, double a, double b) { return is_finite(d) ? a : b; }
+// max(v, 0) with NaN kept (torch.relu's semantics).
+FASTBN_HD float relu_value(float v) { return v < 0.0f ? 0.0f : v; }
+FASTBN_HD double relu_value(double v) { return v < 0.0 ? 0.0 : v; }
+// v where pre > 0, else 0 (relu's gradient; NaN pre gives 0).
+FASTBN_HD float where_positive(float pre, float v) { return pre > 0.0f ? v : 0.0f; }
+FASTBN_HD double where_positive(double pre, double v) { return pre > 0.0 ? v : 0.0; }
+
 FASTBN_HD float rsqrt_acc(float v) {
 #if defined(__CUDA_ARCH__)
   return 1.0f / sqrtf(v);  // IEEE sqrt + division: matches the CPU to the last bit
@@ -136,7 +176,6 @@ FASTBN_HD double rsqrt_acc(double v) {
   return 1.0 / std::sqrt(v);
 #endif
 }
-template <class Acc> FASTBN_HD bool is_finite(Acc v) { return v - v == v - v; }
 
 // ---------------------------------------------------------------- Welford / Chan
 // Statistics of a set of values: count, mean and M2 = sum (x - mean)^2.
@@ -146,34 +185,77 @@ template <class Acc> struct WelfordState {
   Acc m2;
 };
 
-// Chan's parallel merge of two partial states (either may be empty). Exact in the sense of
-// never forming E[x^2] - E[x]^2. Infinities propagate as a plain mean would (inf, or NaN
-// for inf - inf) instead of turning into NaN through the delta form.
+// Weights of Chan's merge of a part of nb values into one of na values (n = na + nb > 0).
+template <class S> struct ChanWeights {
+  S ratio;  // nb / n
+  S keep;   // na / n
+  S cross;  // na * nb / n
+};
+template <class S> FASTBN_HD ChanWeights<S> chan_weights(int64_t na, int64_t nb) {
+  const S inv = S(1) / static_cast<S>(na + nb);
+  return ChanWeights<S>{static_cast<S>(nb) * inv, static_cast<S>(na) * inv,
+                        static_cast<S>(na) * (static_cast<S>(nb) * inv)};
+}
+
+// Chan's parallel merge, the one formula every statistics path uses: (mean, m2) of na values
+// absorbs (bmean, bm2) of nb values (na > 0, nb > 0; weights chan_weights(na, nb)). Never
+// forms E[x^2] - E[x]^2. Non-finite values give exactly what the plain formulas mean = sum / n,
+// m2 = sum (x - mean)^2 give (PyTorch's): mean +inf for +inf values, NaN for NaN or for both
+// infinities, and m2 NaN whenever the mean is not finite.
+template <class V, class S>
+FASTBN_HD void chan_absorb(V& mean, V& m2, const V& bmean, const V& bm2, const ChanWeights<S>& w) {
+  const V delta = bmean - mean;
+  const V ratio = splat<V>(w.ratio);
+  const V near = madd(delta, ratio, mean);
+  const V weighted = madd(mean, splat<V>(w.keep), bmean * ratio);  // right where delta is not finite
+  mean = where_finite(delta, near, weighted);
+  m2 = madd(delta * delta, splat<V>(w.cross), m2 + bm2) + (delta - delta);  // + NaN for non-finite delta
+}
+
+// Merge of two states (either may be empty).
 template <class Acc>
 FASTBN_HD WelfordState<Acc> chan_merge(const WelfordState<Acc>& a, const WelfordState<Acc>& b) {
   if (b.n == 0) return a;
   if (a.n == 0) return b;
-  const int64_t n = a.n + b.n;
-  const Acc nb_over_n = static_cast<Acc>(b.n) / static_cast<Acc>(n);
-  const Acc delta = b.mean - a.mean;
-  WelfordState<Acc> r;
-  r.n = n;
-  if (is_finite(delta)) {
-    r.mean = madd(delta, nb_over_n, a.mean);
-  } else {
-    r.mean = (a.mean * static_cast<Acc>(a.n) + b.mean * static_cast<Acc>(b.n)) / static_cast<Acc>(n);
-  }
-  r.m2 = a.m2 + b.m2 + delta * delta * static_cast<Acc>(a.n) * nb_over_n;
+  WelfordState<Acc> r = a;
+  chan_absorb(r.mean, r.m2, b.mean, b.m2, chan_weights<Acc>(a.n, b.n));
+  r.n = a.n + b.n;
   return r;
 }
 
-// Welford update of a state with one value.
+// Welford update of a state with one value (a merge with the state {1, v, 0}).
 template <class Acc> FASTBN_HD void welford_add(WelfordState<Acc>& s, Acc v) {
-  s.n += 1;
-  const Acc d = v - s.mean;
-  s.mean += d / static_cast<Acc>(s.n);
-  s.m2 = madd(d, v - s.mean, s.m2);
+  s = chan_merge(s, WelfordState<Acc>{1, v, Acc(0)});
 }
+
+// Exact statistics of K >= 1 values: their mean, then their centred squares m2 and the
+// residual sum (v - mean), which is the mean's rounding error times K (a caller merging in a
+// wider type adds residual / K to the mean).
+template <class V> FASTBN_HD void block_stats(const V* v, int K, V& mean, V& m2, V& residual) {
+  V sum = v[0];
+  for (int i = 1; i < K; ++i) sum = sum + v[i];
+  // sum / K, exact for K equal values; a power of two K by its (exact) reciprocal, which
+  // is quicker than a division.
+  mean = (K & (K - 1)) == 0 ? sum * splat<V>(1.0 / K) : sum / splat<V>(K);
+  m2 = splat<V>(0.0);
+  residual = splat<V>(0.0);
+  for (int i = 0; i < K; ++i) {
+    const V d = v[i] - mean;
+    residual = residual + d;
+    m2 = madd(d, d, m2);
+  }
+}
+template <class V> FASTBN_HD void block_stats(const V* v, int K, V& mean, V& m2) {
+  V residual;
+  block_stats(v, K, mean, m2, residual);
+}
+
+// Statistics are accumulated over x - shift, with one shift per channel: its first value (0
+// when that is not finite). A large common offset then costs no digits: Chan's merge of
+// means rounded at the offset's scale would add an error of the first order to M2, which the
+// shifted values avoid. The mean is shift + the mean of the shifted values (add_shift).
+template <class F> FASTBN_HD F stats_shift(F first) { return is_finite(first) ? first : F(0); }
+template <class F> FASTBN_HD void add_shift(WelfordState<F>& s, F shift) { s.mean = s.mean + shift; }
 
 // Biased variance of a merged state; 0 for an empty state.
 template <class Acc> FASTBN_HD Acc biased_var(const WelfordState<Acc>& s) {
@@ -182,14 +264,38 @@ template <class Acc> FASTBN_HD Acc biased_var(const WelfordState<Acc>& s) {
 
 template <class Acc> FASTBN_HD Acc invstd_from_var(Acc var, Acc eps) { return rsqrt_acc(var + eps); }
 
+// The state of a rank's (count n, mean, biased variance) in a cross-rank merge.
+template <class F, class Acc> FASTBN_HD WelfordState<F> rank_state(int64_t n, Acc mean, Acc var) {
+  return WelfordState<F>{n, static_cast<F>(mean), static_cast<F>(var) * static_cast<F>(n)};
+}
+
+// Channel c's outputs of a merged state: mean, biased variance and (when invstd is not
+// null) 1 / sqrt(var + eps), each rounded to Acc.
+template <class Acc, class F>
+FASTBN_HD void finalize_stats(const WelfordState<F>& s, Acc eps, Acc* mean, Acc* var, Acc* invstd, int64_t c) {
+  const Acc v = static_cast<Acc>(biased_var(s));
+  mean[c] = static_cast<Acc>(s.mean);
+  var[c] = v;
+  if (invstd) invstd[c] = invstd_from_var(v, eps);
+}
+
 template <class Acc> FASTBN_HD Acc channel_invstd(const ChannelStats<Acc>& st, int64_t c) {
   return st.src_is_var ? invstd_from_var(st.scale_src[c], st.eps) : st.scale_src[c];
 }
 
-// ---------------------------------------------------------------- forward coefficients
-// y = (x - mean) * a + b (+ residual) (relu).  a = invstd * w, b = bias.
-template <class Acc> struct FwdCoef {
-  Acc mean, a, b;
+// Channel c's backward sums from their merged totals (F: the merge type): sum dy, and
+// sum dy * (x - mean) scaled by invstd to sum dy * xhat.
+template <class Acc, class F>
+FASTBN_HD void finalize_grad_sums(F sum_dy_total, F sum_dy_xmu_total, const ChannelStats<Acc>& st, int64_t c,
+                                  Acc* sum_dy, Acc* sum_dy_xhat) {
+  sum_dy[c] = static_cast<Acc>(sum_dy_total);
+  sum_dy_xhat[c] = static_cast<Acc>(sum_dy_xmu_total * static_cast<F>(channel_invstd(st, c)));
+}
+
+// ---------------------------------------------------------------- forward
+// y = act((x - mean) * a + b + residual), a = invstd * w, b = bias.
+template <class V> struct FwdCoef {
+  V mean, a, b;
 };
 
 template <class Acc>
@@ -202,13 +308,36 @@ FASTBN_HD FwdCoef<Acc> forward_coef(const ChannelStats<Acc>& st, const Affine<Ac
   return k;
 }
 
-// Pre-activation value; the relu mask in backward is recomputed with this same function.
-template <class Acc> FASTBN_HD Acc pre_activation(Acc x, const FwdCoef<Acc>& k) { return madd(x - k.mean, k.a, k.b); }
+// A scalar coefficient set in every lane of V.
+template <class V, class Acc> FASTBN_HD FwdCoef<V> splat_coef(const FwdCoef<Acc>& k) {
+  return FwdCoef<V>{splat<V>(k.mean), splat<V>(k.a), splat<V>(k.b)};
+}
 
-// ---------------------------------------------------------------- backward coefficients
-// dx = A * dy + Bm * (x - mean) + D.
-template <class Acc> struct BwdCoef {
-  Acc mean, A, Bm, D;
+// Pre-activation value (x - mean) * a + b [+ r]: the forward's output before the relu, and
+// what the backward recomputes for the relu mask. r is read only when has_r.
+template <class V> FASTBN_HD V pre_activation(V x, const FwdCoef<V>& k, V r, bool has_r) {
+  const V t = madd(x - k.mean, k.a, k.b);
+  return has_r ? t + r : t;
+}
+
+// The forward's output value.
+template <class V> FASTBN_HD V forward_value(V x, const FwdCoef<V>& k, V r, bool has_r, bool relu) {
+  const V t = pre_activation(x, k, r, has_r);
+  return relu ? relu_value(t) : t;
+}
+
+// The gradient that reaches the normalisation: dy, masked by the relu of the recomputed
+// pre-activation when the forward had one.
+template <class V> FASTBN_HD V effective_dy(V dy, V x, const FwdCoef<V>& k, V r, bool has_r, bool relu) {
+  return relu ? where_positive(pre_activation(x, k, r, has_r), dy) : dy;
+}
+
+// ---------------------------------------------------------------- backward
+// dx = A * dy + Bm * (x - mean) + D when `centred` (training: the statistics depend on x),
+// else dx = A * dy (evaluation: x does not enter, so an infinite x leaves dx finite).
+template <class V> struct BwdCoef {
+  V mean, A, Bm, D;
+  bool centred;
 };
 
 // sum_dy = sum dy, sum_dy_xhat = sum dy * (x - mean) * invstd, over the `count` values.
@@ -219,7 +348,8 @@ FASTBN_HD BwdCoef<Acc> backward_coef(const ChannelStats<Acc>& st, const Affine<A
   BwdCoef<Acc> k;
   k.mean = st.mean[c];
   k.A = af.weight ? af.weight[c] * invstd : invstd;
-  if (training && count > 0) {
+  k.centred = training && count > 0;
+  if (k.centred) {
     const Acc inv_m = Acc(1) / static_cast<Acc>(count);
     k.Bm = -k.A * invstd * sum_dy_xhat * inv_m;
     k.D = -k.A * sum_dy * inv_m;
@@ -230,8 +360,13 @@ FASTBN_HD BwdCoef<Acc> backward_coef(const ChannelStats<Acc>& st, const Affine<A
   return k;
 }
 
-template <class Acc> FASTBN_HD Acc grad_input(Acc dy, Acc x, const BwdCoef<Acc>& k) {
-  return madd(dy, k.A, madd(x - k.mean, k.Bm, k.D));
+template <class V, class Acc> FASTBN_HD BwdCoef<V> splat_coef(const BwdCoef<Acc>& k) {
+  return BwdCoef<V>{splat<V>(k.mean), splat<V>(k.A), splat<V>(k.Bm), splat<V>(k.D), k.centred};
+}
+
+// dx of one value, from its effective upstream gradient.
+template <class V> FASTBN_HD V grad_input(V dy, V x, const BwdCoef<V>& k) {
+  return k.centred ? madd(dy, k.A, madd(x - k.mean, k.Bm, k.D)) : dy * k.A;
 }
 
 // ---------------------------------------------------------------- running statistics

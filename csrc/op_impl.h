@@ -46,18 +46,26 @@ inline at::Tensor acc_empty(const at::Tensor& input, int64_t C) {
 }
 inline at::Tensor unused_output(const at::Tensor& input) { return at::empty({0}, input.options()); }
 
-// Common preparation: checks + canonical layout + per-channel parameters.
-inline Operands prepare(const at::Tensor& input, const Opt& weight, const Opt& bias, const Opt& residual, bool relu) {
+// Common preparation: checks + canonical layout + per-channel parameters. `before_params`
+// (optional) runs after the input's checks and before the parameters': the running
+// statistics are checked there, in PyTorch's order.
+template <class F>
+inline Operands prepare(const at::Tensor& input, const Opt& weight, const Opt& bias, const Opt& residual, bool relu,
+                        F&& before_params) {
   check_input(input);
   Operands o;
   auto xg = canonical_input(input);
   o.x = xg.first;
   o.g = xg.second;
+  before_params(o);
   o.weight = channel_param(weight, "weight", input, o.g.C);
   o.bias = channel_param(bias, "bias", input, o.g.C);
   o.residual = like_input(residual, "residual", input, o.x, o.g);
   o.relu = relu;
   return o;
+}
+inline Operands prepare(const at::Tensor& input, const Opt& weight, const Opt& bias, const Opt& residual, bool relu) {
+  return prepare(input, weight, bias, residual, relu, [](Operands&) {});
 }
 
 // Per-channel statistics of the operands: (mean, invstd) as given (set_stats), or the running
@@ -97,8 +105,8 @@ Tensor4 forward_train(const at::Tensor& input, const Opt& weight, const Opt& bia
 template <class K>
 at::Tensor forward_eval(const at::Tensor& input, const at::Tensor& running_mean, const at::Tensor& running_var,
                         const Opt& weight, const Opt& bias, const Opt& residual, double eps, bool relu) {
-  Operands o = prepare(input, weight, bias, residual, relu);
-  set_running_stats(o, input, running_mean, running_var, eps);
+  Operands o = prepare(input, weight, bias, residual, relu,
+                       [&](Operands& p) { set_running_stats(p, input, running_mean, running_var, eps); });
   at::Tensor y = empty_like_canonical(o.x);
   if (o.g.numel() > 0) K::normalize(o, y);
   return y;
@@ -182,8 +190,8 @@ template <class K>
 Tensor4 backward_eval(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& running_mean,
                       const at::Tensor& running_var, const Opt& weight, const Opt& bias, const Opt& residual,
                       double eps, bool relu, std::array<bool, 4> mask) {
-  Operands o = prepare(input, weight, bias, residual, relu);
-  set_running_stats(o, input, running_mean, running_var, eps);
+  Operands o = prepare(input, weight, bias, residual, relu,
+                       [&](Operands& p) { set_running_stats(p, input, running_mean, running_var, eps); });
   return backward_common<K>(o, grad_out, input, /*training=*/false, mask, weight, bias);
 }
 

@@ -1,17 +1,22 @@
-"""autograd Functions over the fastbn ops. Thin: the maths lives in the kernels.
+"""autograd Functions over the fastbn ops.
 
-First-order gradients come from ``fastbn::backward_train`` / ``backward_eval``. When a
-graph of the backward is asked for (``create_graph=True``, double backward), gradients are
-computed instead from a differentiable composition of plain torch ops (``_reference``), so
-higher-order derivatives are exact.
+The forward and first-order gradients come from the kernels (``fastbn::forward_train``,
+``backward_train``, ...). The one exception is double backward: when a graph of the backward
+is asked for (``create_graph=True``), the gradients are computed from
+``_double_backward_graph``, a second BatchNorm written as a differentiable composition of
+torch ops, so that autograd can differentiate them again (higher-order derivatives exact).
+It is used for nothing else.
 """
 import torch
 
 from ._ops import acc_dtype, ops
 
 
-def _reference(x, weight, bias, residual, mean, var, training, eps, relu):
-    """Differentiable torch-op composition of the forward (used only for double backward)."""
+def _double_backward_graph(x, weight, bias, residual, mean, var, training, eps, relu):
+    """The forward, ``act((x - mean) / sqrt(var + eps) * weight + bias + residual)``, as a
+    differentiable composition of torch ops (batch statistics when `training`, else `mean`
+    and `var`), computed in the accumulation dtype and returned in x's dtype. Only double
+    backward uses it (see the module docstring)."""
     shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
     xf = x.to(acc_dtype(x.dtype))
     if training:
@@ -37,7 +42,7 @@ def _double_backward(ctx, grad_out, x, weight, bias, residual, mean, var, traini
     inputs = (x, weight, bias, residual)
     wanted = [i for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[i]]
     with torch.enable_grad():
-        y = _reference(x, weight, bias, residual, mean, var, training, ctx.eps, ctx.relu)
+        y = _double_backward_graph(x, weight, bias, residual, mean, var, training, ctx.eps, ctx.relu)
         grads = torch.autograd.grad(y, [inputs[i] for i in wanted], grad_out, create_graph=True, allow_unused=True)
     out = [None] * 4
     for i, g in zip(wanted, grads):

@@ -7,29 +7,6 @@ from ._ops import ops
 _ACTIVATIONS = (None, "relu")
 
 
-def _check_args(input, running_mean, running_var, weight, bias, training, eps):
-    if not isinstance(input, torch.Tensor):
-        raise TypeError(f"batch_norm(): input must be a Tensor, not {type(input).__name__}")
-    if input.dim() < 2:
-        raise ValueError(
-            f"fastbn: expected input of shape (N, C, ...) with at least 2 dimensions, got {input.dim()}D input")
-    if training:
-        size = input.size()
-        prod = size[0]
-        for s in size[2:]:
-            prod *= s
-        if prod == 1:
-            raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
-    if training and eps <= 0.0:
-        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-    elif eps < 0.0:
-        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
-    channels = input.shape[1]
-    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
-        if t is not None and t.numel() != channels:
-            raise RuntimeError(f"{name} should contain {channels} elements not {t.numel()}")
-
-
 def batch_norm(
     input,
     running_mean,
@@ -54,9 +31,22 @@ def batch_norm(
     the affine transform, and ``activation="relu"`` applies a ReLU, both inside the
     normalisation pass: ``relu(bn(input) + residual)``.
     """
+    # The ops check their tensors (shapes, dtypes, devices, eps, values per channel) before
+    # anything is written; what they cannot see is checked here.
     if activation not in _ACTIVATIONS:
         raise ValueError(f"fastbn: activation must be None or 'relu', got {activation!r}")
-    _check_args(input, running_mean, running_var, weight, bias, training, eps)
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"batch_norm(): input must be a Tensor, not {type(input).__name__}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("fastbn: running_mean and running_var must both be given or both be None")
+    if not training and running_mean is None:
+        raise RuntimeError("running_mean must be defined in evaluation mode")
+    if training and running_mean is not None and input.dim() >= 2:
+        # forward_train does not take the running statistics (update_running_stats checks
+        # them fully, after the forward): their sizes first, in PyTorch's order.
+        for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+            if t.numel() != input.shape[1]:
+                raise RuntimeError(f"{name} should contain {input.shape[1]} elements not {t.numel()}")
     relu = activation == "relu"
     # The autograd Function only when a gradient can flow (it costs ~15 us a call).
     grad = torch.is_grad_enabled() and any(
@@ -66,15 +56,11 @@ def batch_norm(
             out, mean, var = BatchNormTrain.apply(input, weight, bias, residual, eps, relu)
         else:
             out, mean, _, var = ops.forward_train(input, weight, bias, residual, eps, relu)
-        if running_mean is not None and running_var is not None:
+        if running_mean is not None:
             channels = input.shape[1]
             count = input.numel() // channels if channels else 0
             ops.update_running_stats(running_mean, running_var, mean, var, float(momentum), count)
-        elif (running_mean is None) != (running_var is None):
-            raise ValueError("fastbn: running_mean and running_var must both be given or both be None")
         return out
-    if running_mean is None or running_var is None:
-        raise RuntimeError("running_mean must be defined in evaluation mode")
     if grad:
         return BatchNormEval.apply(input, weight, bias, residual, running_mean, running_var, eps, relu)
     return ops.forward_eval(input, running_mean, running_var, weight, bias, residual, eps, relu)

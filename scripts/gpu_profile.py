@@ -11,17 +11,16 @@ import sys
 
 import torch
 
-import fastbn
+from fastbn.testing import FASTBN, kind_of
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-MODULES = {2: fastbn.BatchNorm1d, 3: fastbn.BatchNorm1d, 4: fastbn.BatchNorm2d, 5: fastbn.BatchNorm3d}
 DEFAULT = ["256x1024x14x14:float16:nchw:fwdbwd", "32x64x56x56:float16:channels_last:fwdbwd"]
 
 
 def run_case(spec, steps):
     shape_s, dtype_s, layout, mode = spec.split(":")
     shape = tuple(int(v) for v in shape_s.split("x"))
-    m = MODULES[len(shape)](shape[1], device="cuda").train(mode != "eval")
+    m = FASTBN[kind_of(len(shape))](shape[1], device="cuda").train(mode != "eval")
     x = torch.randn(shape, device="cuda", dtype=DTYPES[dtype_s])
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)

@@ -5,7 +5,7 @@ import inspect
 import pytest
 import torch
 
-import fastbn
+from fastbn.testing import FASTBN, TORCH_BN, acc_dtype, kind_of, reduction_tol, tol  # noqa: F401
 
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU visible")
@@ -13,26 +13,10 @@ requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU visible")
 # Every device-parametrised test has a CUDA variant that skips itself without a GPU.
 DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
 
-TORCH_BN = {1: torch.nn.BatchNorm1d, 2: torch.nn.BatchNorm2d, 3: torch.nn.BatchNorm3d}
-FAST_BN = {1: fastbn.BatchNorm1d, 2: fastbn.BatchNorm2d, 3: fastbn.BatchNorm3d}
-
-
-def tol(dtype):
-    """assert_close tolerances for comparing two correctly rounded BatchNorm results."""
-    return {
-        torch.float64: dict(rtol=1e-9, atol=1e-10),
-        torch.float32: dict(rtol=2e-5, atol=2e-5),
-        torch.float16: dict(rtol=2e-3, atol=4e-3),
-        torch.bfloat16: dict(rtol=1.6e-2, atol=3e-2),
-    }[dtype]
-
-
-def reduction_tol(dtype, m):
-    """Tolerances for per-channel sums over m values (weight/bias gradients): two correct
-    float implementations differ by rounding that grows like sqrt(m)."""
-    t = dict(tol(dtype))
-    t["atol"] = t["atol"] * max(1.0, (m ** 0.5) / 8)
-    return t
+# The kind -> class maps, the accumulation-dtype rule and the tolerance table are fastbn's
+# one copy, shared with the benchmark and the scripts.
+FAST_BN = FASTBN
+param_dtype = acc_dtype
 
 
 def assert_sums_close(got, ref, exact_fn, m, what, extra_atol=0.0):
@@ -57,10 +41,6 @@ def assert_sums_close(got, ref, exact_fn, m, what, extra_atol=0.0):
 
 
 TORCH_BN_HAS_BIAS_ARG = "bias" in inspect.signature(torch.nn.BatchNorm2d.__init__).parameters
-
-
-def param_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @contextlib.contextmanager
@@ -126,5 +106,34 @@ def load_script(path, name):
     return module
 
 
-def kind_of(ndim):
-    return {2: 1, 3: 1, 4: 2, 5: 3}[ndim]
+
+NONFINITE = {"+inf": float("inf"), "-inf": float("-inf"), "nan": float("nan")}
+
+
+def with_value_at(shape, dtype, layout, device, where, value, channel=1):
+    """Random input whose `channel` holds `value` at its first, middle or last position (in
+    the order (n, *spatial)), 'contiguous' or 'channels_last'."""
+    gen = torch.Generator().manual_seed(hash((tuple(shape), where)) % 2**31)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 0.5
+    xc = x.movedim(1, 0).reshape(shape[1], -1)  # a copy: (C, m)
+    m = xc.shape[1]
+    xc[channel, {"first": 0, "middle": m // 2, "last": m - 1}[where]] = value
+    x = xc.reshape((shape[1], shape[0]) + tuple(shape[2:])).movedim(0, 1).to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    else:
+        x = x.contiguous()
+    return x.to(device)
+
+
+def assert_same_nonfinite(got, want, label):
+    """Every tensor of dict `got` has the NaN positions, the inf positions and the inf signs of
+    the same key's tensor in `want` (NaN and inf compared separately)."""
+    for key, w in want.items():
+        g = got[key]
+        assert torch.equal(torch.isnan(g).cpu(), torch.isnan(w).cpu()), \
+            f"{label}: {key} NaN pattern differs: got {g.flatten()[:8].tolist()}, expected {w.flatten()[:8].tolist()}"
+        assert torch.equal(torch.isinf(g).cpu(), torch.isinf(w).cpu()), \
+            f"{label}: {key} inf pattern differs: got {g.flatten()[:8].tolist()}, expected {w.flatten()[:8].tolist()}"
+        assert torch.equal(torch.signbit(g[torch.isinf(g)]).cpu(), torch.signbit(w[torch.isinf(w)]).cpu()), \
+            f"{label}: {key} inf signs differ"

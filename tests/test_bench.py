@@ -1,14 +1,26 @@
-"""Smoke tests of benchmarks/bench.py on the CPU: the quick grid end to end (table, JSON, CSV,
-chart), the case grid and filters, that a wrong implementation is reported as FAIL, the time
-budget, the torch kernel column and the compile policies."""
+"""Smoke tests of benchmarks/bench.py (the entry point) and its package benchmarks/fastbn_bench/
+on the CPU: the quick grid end to end (table, JSON, CSV, chart), the case grid and filters, that
+a wrong implementation is reported as FAIL, the time budget, the torch kernel column and the
+compile policies.
+
+The `bench` fixture is bench.py loaded from its path (tests call its main); the package's
+modules are the fixtures bench_cases, checking, runner, report and cli. A test that replaces a
+function patches the module that calls it (see the module docstrings): runner.time_case,
+runner.compiled_module, cli.fastbn_factory, and checking.TORCH_BN (a patched copy of
+fastbn.testing.TORCH_BN: the shared table itself stays untouched, so the wrong implementations
+below still subclass torch's classes)."""
 import csv
+import importlib
 import json
 import time
+import types
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import load_script
+
+from fastbn.testing import TORCH_BN
 
 BENCH_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
 ROW_COLUMNS = ("case", "dtype", "layout", "mode", "status", "torch_kernel", "fastbn_ms", "eager_ms", "compile_ms",
@@ -18,10 +30,39 @@ TIME_COLUMNS = ("fastbn_ms", "eager_ms", "compile_ms", "speedup_eager", "speedup
 
 @pytest.fixture(scope="module")
 def bench():
-    return load_script(BENCH_PATH, "fastbn_bench")
+    """benchmarks/bench.py loaded from its path; loading it puts benchmarks/ on sys.path."""
+    return load_script(BENCH_PATH, "bench_script")
 
 
-TORCH_BN = {1: torch.nn.BatchNorm1d, 2: torch.nn.BatchNorm2d, 3: torch.nn.BatchNorm3d}
+@pytest.fixture(scope="module")
+def bench_pkg(bench):
+    """The package benchmarks/fastbn_bench/ that bench.py runs."""
+    return importlib.import_module("fastbn_bench")
+
+
+@pytest.fixture(scope="module")
+def bench_cases(bench_pkg):
+    return bench_pkg.cases
+
+
+@pytest.fixture(scope="module")
+def runner(bench_pkg):
+    return bench_pkg.runner
+
+
+@pytest.fixture(scope="module")
+def checking(bench_pkg):
+    return bench_pkg.checking
+
+
+@pytest.fixture(scope="module")
+def report(bench_pkg):
+    return bench_pkg.report
+
+
+@pytest.fixture(scope="module")
+def cli(bench_pkg):
+    return bench_pkg.cli
 
 
 def _scaled_output_factory(kind, num_features, **kwargs):
@@ -63,15 +104,15 @@ def quick_run(bench, tmp_path_factory):
     return rc, out
 
 
-def test_quick_run_outputs(bench, quick_run):
+def test_quick_run_outputs(bench_cases, quick_run):
     rc, out = quick_run
     assert rc == 0
     [json_path] = out.glob("cpu-*-test.json")
     stem = json_path.name[: -len(".json")]
     data = json.loads(json_path.read_text())
     rows = data["rows"]
-    cases = bench.build_cases("cpu", quick=True)
-    assert len(rows) == len(cases) * len(bench.MODES)
+    cases = bench_cases.build_cases("cpu", quick=True)
+    assert len(rows) == len(cases) * len(bench_cases.MODES)
     for row in rows:
         for column in ROW_COLUMNS:
             assert column in row, column
@@ -87,7 +128,7 @@ def test_quick_run_outputs(bench, quick_run):
     assert "--quick" in header["command"]
     assert data["summary"]["fail_count"] == 0
     assert data["summary"]["not_run"] == 0
-    assert set(data["summary"]["modes"]) == set(bench.MODES)
+    assert set(data["summary"]["modes"]) == set(bench_cases.MODES)
     for mode, s in data["summary"]["modes"].items():
         assert s["by_torch_kernel"] == {"native": {"geomean_speedup_eager": pytest.approx(s["geomean_speedup_eager"]),
                                                    "rows": s["timed_rows"]}}, mode
@@ -113,50 +154,50 @@ def test_quick_run_prints_table_and_summary(bench, capsys, tmp_path):
     assert not list(tmp_path.glob("*.png"))
 
 
-def test_grids_and_filters(bench):
-    cpu = bench.build_cases("cpu")
+def test_grids_and_filters(bench_cases):
+    cpu = bench_cases.build_cases("cpu")
     assert {c.dtype for c in cpu} == {"float32", "bfloat16"}
     assert len(cpu) == 2 * (11 * 2 + 3)  # 9 ResNet-50 + small-C + 3-D in both layouts, 3 BatchNorm1d
     assert all(c.layout == "nchw" for c in cpu if c.kind == 1)
-    gpu = bench.build_cases("cuda")
+    gpu = bench_cases.build_cases("cuda")
     assert len(gpu) == 3 * (20 * 2 + 3)
     assert {"bn2d-256x2048x7x7", "bn2d-128x4x224x224", "bn3d-8x64x16x56x56", "bn1d-32x32"} <= {c.name for c in gpu}
 
-    picked = bench.build_cases("cpu", filters={"shapes": "64x56x56", "dtypes": ["bfloat16"],
-                                               "layouts": ["channels_last"]})
+    picked = bench_cases.build_cases("cpu", filters={"shapes": "64x56x56", "dtypes": ["bfloat16"],
+                                                     "layouts": ["channels_last"]})
     assert [(c.name, c.dtype, c.layout) for c in picked] == [("bn2d-8x64x56x56", "bfloat16", "channels_last")]
-    assert not bench.build_cases("cpu", filters={"shapes": "bn1d", "layouts": ["channels_last"]})
-    assert {c.name for c in bench.build_cases("cpu", filters={"shapes": "^bn3d"})} == {"bn3d-2x64x8x28x28"}
+    assert not bench_cases.build_cases("cpu", filters={"shapes": "bn1d", "layouts": ["channels_last"]})
+    assert {c.name for c in bench_cases.build_cases("cpu", filters={"shapes": "^bn3d"})} == {"bn3d-2x64x8x28x28"}
 
 
-def test_wrong_output_is_fail_without_time(bench):
-    cases = bench.build_cases("cpu", quick=True, filters={"shapes": "bn2d", "dtypes": ["float32"]})
-    rows = bench.run_benchmark(cases, impl_factory=_scaled_output_factory, compile_policy="none", progress=False)
-    assert len(rows) == len(cases) * len(bench.MODES)
+def test_wrong_output_is_fail_without_time(bench_cases, runner, report):
+    cases = bench_cases.build_cases("cpu", quick=True, filters={"shapes": "bn2d", "dtypes": ["float32"]})
+    rows = runner.run_benchmark(cases, impl_factory=_scaled_output_factory, compile_policy="none", progress=False)
+    assert len(rows) == len(cases) * len(bench_cases.MODES)
     for row in rows:
         assert row["status"] == "FAIL", row
         assert row["note"].startswith("output:"), row
         for column in TIME_COLUMNS:
             assert row[column] is None, (column, row)
-    summary = bench.summarize(rows)
+    summary = report.summarize(rows)
     assert summary["fail_count"] == len(rows)
     assert summary["modes"] == {}
-    assert "FAIL rows: %d" % len(rows) in bench.format_summary(summary)[-1]
+    assert "FAIL rows: %d" % len(rows) in report.format_summary(summary)[-1]
 
 
-def test_check_covers_gradients_and_running_stats(bench):
-    [case] = bench.build_cases("cpu", quick=True, filters={"shapes": "bn2d", "dtypes": ["float32"],
-                                                            "layouts": ["nchw"]})
-    assert bench.check_case(case, "fwdbwd") == (True, "")  # fastbn itself
-    assert bench.check_case(case, "fwd", _scaled_grad_factory) == (True, "")
-    passed, note = bench.check_case(case, "fwdbwd", _scaled_grad_factory)
+def test_check_covers_gradients_and_running_stats(bench_cases, checking):
+    [case] = bench_cases.build_cases("cpu", quick=True, filters={"shapes": "bn2d", "dtypes": ["float32"],
+                                                                  "layouts": ["nchw"]})
+    assert checking.check_case(case, "fwdbwd") == (True, "")  # fastbn itself
+    assert checking.check_case(case, "fwd", _scaled_grad_factory) == (True, "")
+    passed, note = checking.check_case(case, "fwdbwd", _scaled_grad_factory)
     assert not passed and note.startswith("input grad:")
-    passed, note = bench.check_case(case, "fwd", _wrong_momentum_factory)
+    passed, note = checking.check_case(case, "fwd", _wrong_momentum_factory)
     assert not passed and note.startswith("running_mean:")
-    assert bench.check_case(case, "eval", _wrong_momentum_factory) == (True, "")
+    assert checking.check_case(case, "eval", _wrong_momentum_factory) == (True, "")
 
 
-def test_inaccurate_eager_is_not_blamed_on_fastbn(bench, monkeypatch):
+def test_inaccurate_eager_is_not_blamed_on_fastbn(bench_cases, checking, monkeypatch):
     """Where torch eager itself is off, the float64 reference decides."""
 
     class InaccurateEager(torch.nn.BatchNorm2d):
@@ -164,19 +205,19 @@ def test_inaccurate_eager_is_not_blamed_on_fastbn(bench, monkeypatch):
             y = super().forward(input)
             return y if input.dtype == torch.float64 else y * 1.01
 
-    monkeypatch.setitem(bench.TORCH_BN, 2, InaccurateEager)
-    [case] = bench.build_cases("cpu", quick=True, filters={"shapes": "bn2d", "dtypes": ["float32"],
-                                                            "layouts": ["nchw"]})
-    passed, note = bench.check_case(case, "fwd")
+    monkeypatch.setattr(checking, "TORCH_BN", {**TORCH_BN, 2: InaccurateEager})
+    [case] = bench_cases.build_cases("cpu", quick=True, filters={"shapes": "bn2d", "dtypes": ["float32"],
+                                                                  "layouts": ["nchw"]})
+    passed, note = checking.check_case(case, "fwd")
     assert passed and "float64 reference" in note
-    passed, note = bench.check_case(case, "fwd", _scaled_grad_factory)  # right outputs
+    passed, note = checking.check_case(case, "fwd", _scaled_grad_factory)  # right outputs
     assert passed and "float64 reference" in note
-    passed, note = bench.check_case(case, "fwdbwd", _scaled_grad_factory)  # wrong gradients
+    passed, note = checking.check_case(case, "fwdbwd", _scaled_grad_factory)  # wrong gradients
     assert not passed
 
 
-def test_main_exit_status_on_fail(bench, monkeypatch, tmp_path):
-    monkeypatch.setattr(bench, "fastbn_factory", _scaled_output_factory)
+def test_main_exit_status_on_fail(bench, cli, monkeypatch, tmp_path):
+    monkeypatch.setattr(cli, "fastbn_factory", _scaled_output_factory)
     rc = bench.main(["--quick", "--device", "cpu", "--no-compile", "--shapes", "bn1d", "--dtype", "float32",
                      "--modes", "eval", "--out-dir", str(tmp_path), "--no-chart"])
     assert rc == 1
@@ -187,11 +228,12 @@ def test_main_exit_status_on_fail(bench, monkeypatch, tmp_path):
     assert data["summary"]["fail_count"] == 1
 
 
-def test_compile_column(bench):
+def test_compile_column(bench_cases, runner):
     """One tiny torch.compile row: timed, or (no working compiler here) reported, never fatal."""
-    cases = bench.build_cases("cpu", quick=True, filters={"shapes": "bn1d", "dtypes": ["float32"]})
+    cases = bench_cases.build_cases("cpu", quick=True, filters={"shapes": "bn1d", "dtypes": ["float32"]})
     notes = []
-    [row] = bench.run_benchmark(cases, modes=["fwdbwd"], compile_policy="fwdbwd-float32", progress=False, notes=notes)
+    [row] = runner.run_benchmark(cases, modes=["fwdbwd"], compile_policy="fwdbwd-float32", progress=False,
+                                 notes=notes)
     assert row["status"] == "ok"
     if row["compile_ms"] is None:
         assert row["note"].startswith("torch.compile failed") and notes
@@ -199,16 +241,16 @@ def test_compile_column(bench):
         assert row["compile_ms"] > 0 and row["speedup_compile"] > 0
 
 
-def _tiny_cases(bench, dtypes=("float32",)):
+def _tiny_cases(bench_cases, dtypes=("float32",)):
     """The quick CPU grid's BatchNorm1d case (64 x 32), one per dtype."""
-    return bench.build_cases("cpu", quick=True, filters={"shapes": "bn1d", "dtypes": list(dtypes)})
+    return bench_cases.build_cases("cpu", quick=True, filters={"shapes": "bn1d", "dtypes": list(dtypes)})
 
 
-def test_budget_zero_runs_nothing_but_writes_outputs(bench, capsys, tmp_path):
+def test_budget_zero_runs_nothing_but_writes_outputs(bench, bench_cases, capsys, tmp_path):
     rc = bench.main(["--quick", "--device", "cpu", "--shapes", "bn1d", "--budget-s", "0",
                      "--out-dir", str(tmp_path), "--no-chart"])
     assert rc == 0
-    total = len(bench.build_cases("cpu", quick=True, filters={"shapes": "bn1d"})) * len(bench.MODES)
+    total = len(bench_cases.build_cases("cpu", quick=True, filters={"shapes": "bn1d"})) * len(bench_cases.MODES)
     [json_path] = tmp_path.glob("*.json")
     data = json.loads(json_path.read_text())
     assert data["rows"] == []
@@ -219,9 +261,9 @@ def test_budget_zero_runs_nothing_but_writes_outputs(bench, capsys, tmp_path):
     assert f"not run (time budget): {total}" in capsys.readouterr().out
 
 
-def test_deadline_stops_between_rows(bench, monkeypatch):
+def test_deadline_stops_between_rows(bench_cases, runner, report, monkeypatch):
     """The row under way when the deadline passes completes; no further row starts."""
-    time_case = bench.time_case
+    time_case = runner.time_case
     deadline = time.monotonic() + 1.0
 
     def slow_time_case(*args, **kwargs):
@@ -229,26 +271,26 @@ def test_deadline_stops_between_rows(bench, monkeypatch):
         time.sleep(max(0.0, deadline - time.monotonic()) + 0.01)
         return result
 
-    monkeypatch.setattr(bench, "time_case", slow_time_case)
-    cases = _tiny_cases(bench)
+    monkeypatch.setattr(runner, "time_case", slow_time_case)
+    cases = _tiny_cases(bench_cases)
     notes = []
-    rows = bench.run_benchmark(cases, compile_policy="none", copy_gbps=1.0, progress=False, notes=notes,
-                               deadline=deadline)
-    assert [(r["mode"], r["status"]) for r in rows] == [(bench.MODES[0], "ok")]
+    rows = runner.run_benchmark(cases, compile_policy="none", copy_gbps=1.0, progress=False, notes=notes,
+                                deadline=deadline)
+    assert [(r["mode"], r["status"]) for r in rows] == [(bench_cases.MODES[0], "ok")]
     assert rows[0]["fastbn_ms"] > 0
-    total = len(cases) * len(bench.MODES)
+    total = len(cases) * len(bench_cases.MODES)
     assert notes == [f"stopped at the time budget (--budget-s): {total - 1} of {total} rows not run"]
-    summary = bench.summarize(rows, not_run=total - 1)
+    summary = report.summarize(rows, not_run=total - 1)
     assert summary["not_run"] == total - 1
-    assert bench.format_summary(summary)[-1].endswith(f"not run (time budget): {total - 1}")
-    assert "not run" not in bench.format_summary(bench.summarize(rows))[-1]
+    assert report.format_summary(summary)[-1].endswith(f"not run (time budget): {total - 1}")
+    assert "not run" not in report.format_summary(report.summarize(rows))[-1]
 
 
-def _eager_as_compiled(bench):
-    """Stands in for _compiled_module: torch eager BatchNorm, without the cost of compiling."""
+def _eager_as_compiled():
+    """Stands in for compiled_module: torch eager BatchNorm, without the cost of compiling."""
 
     def compiled_module(case, mode, state_dict):
-        module = bench.TORCH_BN[case.kind](case.num_features, device=case.device)
+        module = TORCH_BN[case.kind](case.num_features, device=case.device)
         module.load_state_dict(state_dict)
         module.train(mode != "eval")
         return module
@@ -256,11 +298,11 @@ def _eager_as_compiled(bench):
     return compiled_module
 
 
-def test_compile_pass_respects_deadline(bench, monkeypatch):
+def test_compile_pass_respects_deadline(bench_cases, runner, monkeypatch):
     """The compile pass runs after every row's fastbn and eager times; rows it has not reached
     at the deadline keep those and get no compile time."""
-    monkeypatch.setattr(bench, "_compiled_module", _eager_as_compiled(bench))
-    time_case = bench.time_case
+    monkeypatch.setattr(runner, "compiled_module", _eager_as_compiled())
+    time_case = runner.time_case
     deadline = time.monotonic() + 1.0
     calls = []
 
@@ -271,10 +313,10 @@ def test_compile_pass_respects_deadline(bench, monkeypatch):
             time.sleep(max(0.0, deadline - time.monotonic()) + 0.01)
         return result
 
-    monkeypatch.setattr(bench, "time_case", recording_time_case)
+    monkeypatch.setattr(runner, "time_case", recording_time_case)
     notes = []
-    rows = bench.run_benchmark(_tiny_cases(bench, ("float32", "bfloat16")), modes=["fwdbwd"], compile_policy="all",
-                               copy_gbps=1.0, progress=False, notes=notes, deadline=deadline)
+    rows = runner.run_benchmark(_tiny_cases(bench_cases, ("float32", "bfloat16")), modes=["fwdbwd"],
+                                compile_policy="all", copy_gbps=1.0, progress=False, notes=notes, deadline=deadline)
     assert calls == [["eager", "fastbn"], ["eager", "fastbn"], ["compile"]]
     assert [r["status"] for r in rows] == ["ok", "ok"]
     assert rows[0]["compile_ms"] > 0
@@ -289,36 +331,36 @@ def test_compile_pass_respects_deadline(bench, monkeypatch):
     ("all", {(d, m) for d in ("float32", "bfloat16") for m in ("fwd", "fwdbwd", "eval")}),
     ("none", set()),
 ])
-def test_compile_policy_picks_rows(bench, monkeypatch, policy, compiled):
-    monkeypatch.setattr(bench, "_compiled_module", _eager_as_compiled(bench))
-    rows = bench.run_benchmark(_tiny_cases(bench, ("float32", "bfloat16")), compile_policy=policy, reps=2,
-                               copy_gbps=1.0, progress=False)
-    assert len(rows) == 2 * len(bench.MODES)
+def test_compile_policy_picks_rows(bench_cases, runner, monkeypatch, policy, compiled):
+    monkeypatch.setattr(runner, "compiled_module", _eager_as_compiled())
+    rows = runner.run_benchmark(_tiny_cases(bench_cases, ("float32", "bfloat16")), compile_policy=policy, reps=2,
+                                copy_gbps=1.0, progress=False)
+    assert len(rows) == 2 * len(bench_cases.MODES)
     assert all(r["status"] == "ok" and r["fastbn_ms"] > 0 for r in rows)
     assert {(r["dtype"], r["mode"]) for r in rows if r["compile_ms"] is not None} == compiled
     assert all((r["speedup_compile"] is None) == (r["compile_ms"] is None) for r in rows)
 
 
-def test_compile_failure_switches_compile_off(bench, monkeypatch):
+def test_compile_failure_switches_compile_off(bench_cases, runner, monkeypatch):
     """A first compilation that fails leaves every further row without a compile time."""
 
     def broken(case, mode, state_dict):
-        module = _eager_as_compiled(bench)(case, mode, state_dict)
+        module = _eager_as_compiled()(case, mode, state_dict)
         module.forward = lambda x: (_ for _ in ()).throw(RuntimeError("no compiler"))
         return module
 
-    monkeypatch.setattr(bench, "_compiled_module", broken)
+    monkeypatch.setattr(runner, "compiled_module", broken)
     notes = []
-    rows = bench.run_benchmark(_tiny_cases(bench, ("float32", "bfloat16")), modes=["fwdbwd"], compile_policy="all",
-                               reps=2, copy_gbps=1.0, progress=False, notes=notes)
+    rows = runner.run_benchmark(_tiny_cases(bench_cases, ("float32", "bfloat16")), modes=["fwdbwd"],
+                                compile_policy="all", reps=2, copy_gbps=1.0, progress=False, notes=notes)
     assert [r["compile_ms"] for r in rows] == [None, None]
     assert rows[0]["note"] == "torch.compile failed: RuntimeError: no compiler" and rows[1]["note"] == ""
     assert notes == ["torch.compile column skipped: compiling failed (RuntimeError: no compiler)"]
 
 
-def test_compile_policy_flags(bench):
+def test_compile_policy_flags(bench_cases, runner, cli):
     def policy(*argv, device="cpu"):
-        return bench.compile_policy_for(bench.parse_args(list(argv)), device)[0]
+        return cli.compile_policy_for(cli.parse_args(list(argv)), device)[0]
 
     assert policy() == "fwdbwd-float32"
     assert policy("--quick") == "fwdbwd-float32"
@@ -328,35 +370,37 @@ def test_compile_policy_flags(bench):
     assert policy("--compile-policy", "none") == "none"
     assert policy("--compile-policy", "all") == "all"
     with pytest.raises(SystemExit):
-        bench.parse_args(["--no-compile", "--compile-policy", "all"])
-    [f32, bf16] = _tiny_cases(bench, ("float32", "bfloat16"))
-    assert bench._wants_compile("fwdbwd", bf16, "fwdbwd") and not bench._wants_compile("fwdbwd", f32, "fwd")
-    assert not bench._wants_compile("fwdbwd-float32", bf16, "fwdbwd")
+        cli.parse_args(["--no-compile", "--compile-policy", "all"])
+    [f32, bf16] = _tiny_cases(bench_cases, ("float32", "bfloat16"))
+    assert runner._wants_compile("fwdbwd", bf16, "fwdbwd") and not runner._wants_compile("fwdbwd", f32, "fwd")
+    assert not runner._wants_compile("fwdbwd-float32", bf16, "fwdbwd")
 
 
 @pytest.mark.parametrize("op, kernel", [("aten::cudnn_batch_norm", "cudnn"), ("aten::miopen_batch_norm", "miopen")])
-def test_torch_kernel_from_profiled_ops(bench, monkeypatch, op, kernel):
+def test_torch_kernel_from_profiled_ops(bench_cases, checking, monkeypatch, op, kernel):
     """"native" on the CPU; what the recorded op names say when eager runs a vendor kernel."""
-    [case] = _tiny_cases(bench)
-    for mode in bench.MODES:
-        assert bench.torch_kernel(case, mode) == "native"
+    [case] = _tiny_cases(bench_cases)
+    for mode in bench_cases.MODES:
+        assert checking.torch_kernel(case, mode) == "native"
 
     class VendorBatchNorm(torch.nn.BatchNorm1d):
         def forward(self, input):
             with torch.profiler.record_function(op):
                 return super().forward(input)
 
-    monkeypatch.setitem(bench.TORCH_BN, 1, VendorBatchNorm)
-    for mode in bench.MODES:
-        assert bench.torch_kernel(case, mode) == kernel
+    monkeypatch.setattr(checking, "TORCH_BN", {**TORCH_BN, 1: VendorBatchNorm})
+    for mode in bench_cases.MODES:
+        assert checking.torch_kernel(case, mode) == kernel
 
 
-def test_no_function_rebinds_torch(bench):
+def test_no_function_rebinds_torch(bench, bench_pkg):
     """A function-local `import torch.x` makes `torch` local to the whole function, so every
     other use of `torch` in it fails when that import did not run (seen on a GPU with
     --no-compile: UnboundLocalError at torch.cuda.empty_cache())."""
-    import types
-
-    funcs = [f for f in vars(bench).values() if isinstance(f, types.FunctionType) and f.__module__ == bench.__name__]
+    modules = [bench] + [getattr(bench_pkg, name) for name in bench_pkg.__all__]
+    assert {m.__name__ for m in modules[1:]} >= {f"fastbn_bench.{name}" for name in
+                                                 ("cases", "checking", "timing", "runner", "report", "cli")}
+    funcs = [f for m in modules for f in vars(m).values()
+             if isinstance(f, types.FunctionType) and f.__module__ == m.__name__]
     assert funcs
-    assert [f.__name__ for f in funcs if "torch" in f.__code__.co_varnames] == []
+    assert [f"{f.__module__}.{f.__name__}" for f in funcs if "torch" in f.__code__.co_varnames] == []

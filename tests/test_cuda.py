@@ -7,7 +7,7 @@ import functools
 
 import pytest
 import torch
-from helpers import HAS_CUDA, assert_sums_close, make_input, make_pair, poisoned_outputs, tol
+from helpers import HAS_CUDA, acc_dtype, assert_sums_close, make_input, make_pair, poisoned_outputs, tol
 
 import fastbn
 import fastbn.functional as FF
@@ -54,7 +54,7 @@ def test_cuda_matches_cpu(case, dtype, fused, training):
     """The CUDA kernels compute what the (separately verified) CPU kernels compute."""
     shape, layout = case
     C = shape[1]
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = acc_dtype(dtype)
     x = make_input(shape, dtype, "cpu", layout)
     r = make_input(shape, dtype, "cpu", layout) if fused else None
     w, b = torch.rand(C, dtype=acc) + 0.5, torch.randn(C, dtype=acc)

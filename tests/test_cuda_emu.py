@@ -25,9 +25,12 @@ import sys
 import pytest
 import torch
 
+from fastbn.testing import acc_dtype
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cuda_emu"))
 import emu_build  # noqa: E402
 import emu_harness as H  # noqa: E402
+from helpers import NONFINITE, assert_same_nonfinite, with_value_at  # noqa: E402
 
 FLAVOUR = os.environ.get("FASTBN_EMU_FLAVOUR", "plain")
 SRC = os.environ.get("FASTBN_EMU_SRC", emu_build.CSRC)
@@ -105,6 +108,45 @@ def test_wide_planar(emu, dtype):
         results.append(dict(zip(["y", "mean", "invstd", "var", "dx", "dw", "db", "dr"], [y, mean, invstd, var, *grads])))
     _fault_checker(emu, case.id)("forward_train/backward_train")
     H.compare(results[1], results[0], case.count, case.id)
+
+
+NONFINITE_CASES = [((4, 3, 8, 8), "contiguous"), ((5, 3, 7, 7), "contiguous"), ((8, 2, 32, 32), "contiguous"),
+                   ((4, 8, 4, 4), "channels_last"), ((3, 5, 3, 3), "channels_last"), ((16, 8, 32, 32), "channels_last"),
+                   ((17, 7), "contiguous")]
+
+
+@pytest.mark.parametrize("dtype", H.DTYPES, ids=lambda d: str(d)[6:])
+def test_nonfinite_patterns(emu, dtype):
+    """+inf, -inf and NaN at the first, a middle and the last position of a channel (planar
+    vector, flat and multi-split paths, channels-last vector and scalar, 2-D): the CUDA kernels
+    give exactly the CPU kernels' NaN and inf patterns (the CPU's are PyTorch's:
+    tests/test_nonfinite.py) in every output of the training and evaluation ops."""
+    emu.configure(sm_count=SM, workers=2, schedule="forward")
+    check = _fault_checker(emu, "nonfinite")
+    pdt = acc_dtype(dtype)
+    for shape, layout in NONFINITE_CASES:
+        C = shape[1]
+        w, b = torch.rand(C, dtype=pdt) + 0.5, torch.randn(C, dtype=pdt)
+        rm, rv = torch.randn(C, dtype=pdt), torch.rand(C, dtype=pdt) + 0.5
+        dy = torch.randn(shape, dtype=torch.float64).to(dtype)
+        for name, value in NONFINITE.items():
+            for where in ("first", "middle", "last"):
+                x = with_value_at(shape, dtype, layout, "cpu", where, value)
+                dyx = dy.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else dy
+                results = []
+                for ops in (torch.ops.fastbn, emu):
+                    with H.poisoned_outputs():
+                        y, mean, invstd, var = ops.forward_train(x, w, b, None, H.EPS, False)
+                        grads = ops.backward_train(dyx, x, mean, invstd, w, b, None, False, [True, True, True, False])
+                        rm2, rv2 = rm.clone(), rv.clone()
+                        ops.update_running_stats(rm2, rv2, mean, var, 0.1, x.numel() // C)
+                        ye = ops.forward_eval(x, rm, rv, w, b, None, H.EPS, False)
+                        ge = ops.backward_eval(dyx, x, rm, rv, w, b, None, H.EPS, False, [True, True, True, False])
+                    results.append({"y": y, "mean": mean, "invstd": invstd, "var": var, "dx": grads[0],
+                                    "dw": grads[1], "db": grads[2], "running_mean": rm2, "running_var": rv2,
+                                    "eval y": ye, "eval dx": ge[0], "eval dw": ge[1], "eval db": ge[2]})
+                check(f"{shape} {layout} {name} {where}")
+                assert_same_nonfinite(results[1], results[0], f"{shape} {layout} {dtype} {name} at {where}")
 
 
 def test_every_kernel_launched(emu):

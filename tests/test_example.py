@@ -1,4 +1,5 @@
-"""Smoke tests of examples/bn_vs_no_bn.py: short runs of the experiment, and the IDX (MNIST) reader."""
+"""Smoke tests of examples/bn_vs_no_bn.py: short runs of the experiment, and the IDX (MNIST) reader
+in examples/example_data.py."""
 import gzip
 import json
 from pathlib import Path
@@ -9,11 +10,17 @@ import torch
 from helpers import load_script
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "bn_vs_no_bn.py"
+EXAMPLE_DATA = EXAMPLE.with_name("example_data.py")
 
 
 @pytest.fixture(scope="module")
 def example():
     return load_script(EXAMPLE, "bn_vs_no_bn")
+
+
+@pytest.fixture(scope="module")
+def example_data():
+    return load_script(EXAMPLE_DATA, "example_data")
 
 
 def check_outputs(results, out_dir, stem, epochs):
@@ -74,7 +81,7 @@ def write_idx(path, array):
         f.write(header + array.tobytes())
 
 
-def test_load_mnist_reads_plain_and_gzipped_idx(example, tmp_path):
+def test_load_mnist_reads_plain_and_gzipped_idx(example_data, tmp_path):
     rng = np.random.default_rng(0)
     train_images = rng.integers(0, 256, size=(5, 28, 28), dtype=np.uint8)
     train_labels = rng.integers(0, 10, size=5, dtype=np.uint8)
@@ -85,15 +92,15 @@ def test_load_mnist_reads_plain_and_gzipped_idx(example, tmp_path):
     write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", test_images)  # gzipped pair
     write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", test_labels)
 
-    loaded = example.load_mnist(tmp_path)
+    loaded = example_data.load_mnist(tmp_path)
     for got, expected in zip(loaded, (train_images, train_labels, test_images, test_labels)):
         assert got.dtype == np.uint8 and got.shape == expected.shape
         np.testing.assert_array_equal(got, expected)
 
 
-def test_read_idx_rejects_truncated_file(example, tmp_path):
+def test_read_idx_rejects_truncated_file(example_data, tmp_path):
     path = tmp_path / "broken-idx1-ubyte"
     write_idx(path, np.arange(10, dtype=np.uint8))
     path.write_bytes(path.read_bytes()[:-1])
     with pytest.raises(ValueError, match="expected 10"):
-        example.read_idx(path)
+        example_data.read_idx(path)

@@ -86,6 +86,7 @@ def test_same_bits_any_thread_count(shape, layout):
 
 _ISA_SCRIPT = r"""
 import torch, fastbn, fastbn.functional as FF
+from fastbn.testing import acc_dtype
 torch.manual_seed(7)
 out = {"isa": fastbn.cpu_isa()}
 for dt in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
@@ -95,7 +96,7 @@ for dt in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
             x = x.to(memory_format=torch.channels_last)
         x.requires_grad_()
         r = torch.randn_like(x)
-        y = FF.batch_norm(x, None, None, torch.rand(12, dtype=torch.float64 if dt == torch.float64 else torch.float32) + .5,
+        y = FF.batch_norm(x, None, None, torch.rand(12, dtype=acc_dtype(dt)) + .5,
                           None, training=True, activation="relu", residual=r)
         y.backward(torch.randn_like(y))
         out[(str(dt), cl)] = (y.detach(), x.grad)

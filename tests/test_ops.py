@@ -2,7 +2,7 @@
 torch.compile(fullgraph=True) against eager, and proof that no ATen batch-norm op runs."""
 import pytest
 import torch
-from helpers import DEVICES, make_input, make_pair, poisoned_outputs
+from helpers import DEVICES, acc_dtype, make_input, make_pair, poisoned_outputs
 
 import fastbn
 from fastbn import ops
@@ -11,7 +11,7 @@ from fastbn import ops
 def _op_samples(device, layout="contiguous", dtype=torch.float32):
     x = make_input((4, 3, 5, 6), dtype, device, layout)
     C = 3
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = acc_dtype(dtype)
     w = torch.rand(C, device=device, dtype=acc) + 0.5
     b = torch.randn(C, device=device, dtype=acc)
     r = make_input((4, 3, 5, 6), dtype, device, layout)

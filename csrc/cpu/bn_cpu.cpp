@@ -94,20 +94,8 @@ struct RowBlocks {
   }
 };
 
-template <class Acc> void finalize_stats(const WelfordState<Acc>& st, double eps, Acc* mean, Acc* var, Acc* invstd, int64_t c) {
-  mean[c] = st.mean;
-  var[c] = biased_var(st);
-  if (invstd) invstd[c] = invstd_from_var(var[c], static_cast<Acc>(eps));
-}
-
 // Partial results of units/blocks are folded across units in double (few values per channel).
 using Fold = double;
-template <class Acc> WelfordState<Fold> widen(const WelfordState<Acc>& s) {
-  return WelfordState<Fold>{s.n, static_cast<Fold>(s.mean), static_cast<Fold>(s.m2)};
-}
-template <class Acc> WelfordState<Acc> narrow(const WelfordState<Fold>& s) {
-  return WelfordState<Acc>{s.n, static_cast<Acc>(s.mean), static_cast<Acc>(s.m2)};
-}
 
 // Per-channel views of an Operands' statistics and affine parameters.
 template <class Acc> struct ChannelView {
@@ -132,10 +120,12 @@ template <class T> struct PlanarDriver {
   PlanarUnits U;
   explicit PlanarDriver(const Geometry& g) : U(g) {}
 
-  WelfordState<Acc> unit_stats(const T* x, int64_t c, int64_t u) const {
+  // Channel c's shift (stats_shift of its first value, at plane (0, c)).
+  Fold shift(const T* x, int64_t c) const { return stats_shift(static_cast<Fold>(to_acc(x[c * U.S]))); }
+  WelfordState<Fold> unit_stats(const T* x, int64_t c, int64_t u, Fold shift) const {
     int64_t off;
     const Run run = U.unit(c, u, off);
-    return K.run_stats(x + off, run);
+    return K.run_stats(x + off, run, shift);
   }
   void unit_affine(const T* x, T* y, const T* r, bool relu, int64_t c, int64_t u, const FwdCoef<Acc>& k) const {
     int64_t off;
@@ -143,7 +133,7 @@ template <class T> struct PlanarDriver {
     K.run_affine(x + off, y + off, run, k, r ? r + off : nullptr, relu);
   }
   void unit_sums(const T* dy, const T* x, const T* r, bool relu, int64_t c, int64_t u, const FwdCoef<Acc>& k,
-                 Acc& s1, Acc& s2) const {
+                 Fold& s1, Fold& s2) const {
     int64_t off;
     const Run run = U.unit(c, u, off);
     K.run_grad_sums(dy + off, x + off, run, k, r ? r + off : nullptr, relu, s1, s2);
@@ -157,16 +147,17 @@ template <class T> struct PlanarDriver {
   }
 
   // Per-channel Welford states of all units, folded in unit order.
-  std::vector<WelfordState<Acc>> stats(const T* x) const {
+  std::vector<WelfordState<Fold>> stats(const T* x) const {
     const int64_t C = U.C, n = U.per_channel;
-    std::vector<WelfordState<Acc>> parts(C * n), out(C);
+    std::vector<WelfordState<Fold>> parts(C * n), out(C);
     at::parallel_for(0, C * n, U.grain_units(), [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) parts[i] = unit_stats(x, i / n, i % n);
+      for (int64_t i = b; i < e; ++i) parts[i] = unit_stats(x, i / n, i % n, shift(x, i / n));
     });
     for (int64_t c = 0; c < C; ++c) {
       WelfordState<Fold> st{0, 0.0, 0.0};
-      for (int64_t u = 0; u < n; ++u) st = chan_merge(st, widen(parts[c * n + u]));
-      out[c] = narrow<Acc>(st);
+      for (int64_t u = 0; u < n; ++u) st = chan_merge(st, parts[c * n + u]);
+      add_shift(st, shift(x, c));
+      out[c] = st;
     }
     return out;
   }
@@ -221,8 +212,10 @@ template <class T> struct PlanarDriver {
       at::parallel_for(0, U.C, channel_grain(), [&](int64_t c0, int64_t c1) {
         for (int64_t c = c0; c < c1; ++c) {
           WelfordState<Fold> s{0, 0.0, 0.0};
-          for (int64_t u = 0; u < n; ++u) s = chan_merge(s, widen(unit_stats(x, c, u)));
-          finalize_stats(narrow<Acc>(s), o.eps, m, v, is, c);
+          const Fold sh = shift(x, c);
+          for (int64_t u = 0; u < n; ++u) s = chan_merge(s, unit_stats(x, c, u, sh));
+          add_shift(s, sh);
+          finalize_stats(s, static_cast<Acc>(o.eps), m, v, is, c);
           const FwdCoef<Acc> k = forward_coef(st, af, c);
           for (int64_t u = 0; u < n; ++u) unit_affine(x, yp, r, o.relu, c, u, k);
         }
@@ -230,7 +223,7 @@ template <class T> struct PlanarDriver {
       return;
     }
     const auto s = stats(x);
-    for (int64_t c = 0; c < U.C; ++c) finalize_stats(s[c], o.eps, m, v, is, c);
+    for (int64_t c = 0; c < U.C; ++c) finalize_stats(s[c], static_cast<Acc>(o.eps), m, v, is, c);
     affine_planes(x, yp, r, o.relu, [&](int64_t c) { return forward_coef(st, af, c); });
   }
 
@@ -265,13 +258,12 @@ template <class T> struct PlanarDriver {
           if (sums) {
             Fold a = 0, b = 0;
             for (int64_t u = 0; u < n; ++u) {
-              Acc s1, s2;
+              Fold s1, s2;
               unit_sums(dy, x, r, o.relu, c, u, k, s1, s2);
               a += s1;
               b += s2;
             }
-            sdy[c] = static_cast<Acc>(a);
-            sdx[c] = static_cast<Acc>(b * channel_invstd(cv.st, c));
+            finalize_grad_sums(a, b, cv.st, c, sdy, sdx);
           }
           if (elementwise) {
             const BwdCoef<Acc> gk = coef(c);
@@ -282,7 +274,7 @@ template <class T> struct PlanarDriver {
       return;
     }
     if (sums) {
-      std::vector<Acc> p1(U.C * n), p2(U.C * n);
+      std::vector<Fold> p1(U.C * n), p2(U.C * n);
       for_all_units([&](int64_t c, int64_t u) { unit_sums(dy, x, r, o.relu, c, u, cv.fwd(c), p1[c * n + u], p2[c * n + u]); });
       for (int64_t c = 0; c < U.C; ++c) {
         Fold a = 0, b = 0;
@@ -290,8 +282,7 @@ template <class T> struct PlanarDriver {
           a += p1[c * n + u];
           b += p2[c * n + u];
         }
-        sdy[c] = static_cast<Acc>(a);
-        sdx[c] = static_cast<Acc>(b * channel_invstd(cv.st, c));
+        finalize_grad_sums(a, b, cv.st, c, sdy, sdx);
       }
     }
     if (elementwise) {
@@ -328,41 +319,39 @@ template <class T> struct RowsDriver {
 
   template <class F> void for_all_blocks(F&& f) const {
     at::parallel_for(0, B.count, B.grain_blocks(), [&](int64_t b, int64_t e) {
-      std::vector<Acc> scratch(4 * B.L);  // rows_stats needs 2 * L, rows_grad_sums 4 * L
+      // rows_stats needs 2 * L doubles + 3 * L Acc, rows_grad_sums 6 * L doubles.
+      std::vector<Fold> scratch(6 * B.L);
       for (int64_t i = b; i < e; ++i) f(i, scratch.data());
     });
   }
 
   // Per-channel Welford states, block partials folded in block order.
-  std::vector<WelfordState<Acc>> stats(const T* x) const {
+  std::vector<WelfordState<Fold>> stats(const T* x) const {
     const int64_t C = B.C;
-    std::vector<Acc> pm(B.count * C), pm2(B.count * C);
-    for_all_blocks([&](int64_t b, Acc* scratch) {
-      K.rows_stats(x + B.offset(b), B.rows_of(b), C, B.L, &pm[b * C], &pm2[b * C], scratch);
+    std::vector<Fold> shift(C);  // stats_shift of each channel's first value (row 0)
+    for (int64_t c = 0; c < C; ++c) shift[c] = stats_shift(static_cast<Fold>(to_acc(x[c])));
+    const std::vector<Fold> shift_pattern = B.pattern(shift);
+    std::vector<Fold> pm(B.count * C), pm2(B.count * C);
+    for_all_blocks([&](int64_t b, Fold* scratch) {
+      K.rows_stats(x + B.offset(b), B.rows_of(b), C, B.L, shift_pattern.data(), &pm[b * C], &pm2[b * C],
+                   scratch);
     });
     // Chan merge of the blocks in block order; all channels of a block share its count, so
-    // the merge weights are computed once per block and the channel loop vectorises.
-    std::vector<Fold> mean(pm.begin(), pm.begin() + C), m2(pm2.begin(), pm2.begin() + C);
+    // the merge weights are computed once per block.
     at::parallel_for(0, C, fold_grain(), [&](int64_t c0, int64_t c1) {
       int64_t n = B.rows_of(0);
       for (int64_t b = 1; b < B.count; ++b) {
         const int64_t nb = B.rows_of(b);
-        const Fold ratio = static_cast<Fold>(nb) / static_cast<Fold>(n + nb);
-        const Fold keep = static_cast<Fold>(n) / static_cast<Fold>(n + nb);
-        const Fold cross = static_cast<Fold>(n) * ratio;
-        const Acc* bm = &pm[b * C];
-        const Acc* bm2 = &pm2[b * C];
-        for (int64_t c = c0; c < c1; ++c) {
-          const Fold delta = static_cast<Fold>(bm[c]) - mean[c];
-          const Fold merged = is_finite(delta) ? madd(delta, ratio, mean[c]) : mean[c] * keep + bm[c] * ratio;
-          m2[c] = m2[c] + static_cast<Fold>(bm2[c]) + delta * delta * cross;
-          mean[c] = merged;
-        }
+        const ChanWeights<Fold> w = chan_weights<Fold>(n, nb);
+        for (int64_t c = c0; c < c1; ++c) chan_absorb(pm[c], pm2[c], pm[b * C + c], pm2[b * C + c], w);
         n += nb;
       }
     });
-    std::vector<WelfordState<Acc>> out(C);
-    for (int64_t c = 0; c < C; ++c) out[c] = WelfordState<Acc>{B.M, static_cast<Acc>(mean[c]), static_cast<Acc>(m2[c])};
+    std::vector<WelfordState<Fold>> out(C);
+    for (int64_t c = 0; c < C; ++c) {
+      out[c] = WelfordState<Fold>{B.M, pm[c], pm2[c]};
+      add_shift(out[c], shift[c]);
+    }
     return out;
   }
 
@@ -384,7 +373,7 @@ template <class T> struct RowsDriver {
     const T* x = cptr<T>(o.x);
     const T* r = cptr<T>(o.residual);
     T* yp = mptr<T>(y);
-    for_all_blocks([&](int64_t b, Acc*) {
+    for_all_blocks([&](int64_t b, Fold*) {
       const int64_t off = B.offset(b);
       K.rows_affine(x + off, yp + off, B.rows_of(b), B.C, B.L, p.mean.data(), p.a.data(), p.b.data(),
                     r ? r + off : nullptr, o.relu);
@@ -394,7 +383,7 @@ template <class T> struct RowsDriver {
   void forward_train(const Operands& o, at::Tensor& y, at::Tensor& mean, at::Tensor& invstd, at::Tensor& var) const {
     Acc *m = mptr<Acc>(mean), *v = mptr<Acc>(var), *is = mptr<Acc>(invstd);
     const auto s = stats(cptr<T>(o.x));
-    for (int64_t c = 0; c < B.C; ++c) finalize_stats(s[c], o.eps, m, v, is, c);
+    for (int64_t c = 0; c < B.C; ++c) finalize_stats(s[c], static_cast<Acc>(o.eps), m, v, is, c);
     ChannelStats<Acc> st{m, is, false, Acc(0)};
     Affine<Acc> af{cptr<Acc>(o.weight), cptr<Acc>(o.bias)};
     affine(o, fwd_patterns(st, af), y);
@@ -410,8 +399,8 @@ template <class T> struct RowsDriver {
     const T* x = cptr<T>(o.x);
     const T* r = cptr<T>(o.residual);
     const int64_t C = B.C;
-    std::vector<Acc> p1(B.count * C), p2(B.count * C);
-    for_all_blocks([&](int64_t b, Acc* scratch) {
+    std::vector<Fold> p1(B.count * C), p2(B.count * C);
+    for_all_blocks([&](int64_t b, Fold* scratch) {
       const int64_t off = B.offset(b);
       K.rows_grad_sums(dy + off, x + off, B.rows_of(b), C, B.L, p.mean.data(), p.a.data(), p.b.data(),
                        r ? r + off : nullptr, o.relu, &p1[b * C], &p2[b * C], scratch);
@@ -419,17 +408,14 @@ template <class T> struct RowsDriver {
     at::parallel_for(0, C, fold_grain(), [&](int64_t c0, int64_t c1) {
       std::vector<Fold> a(p1.begin() + c0, p1.begin() + c1), s(p2.begin() + c0, p2.begin() + c1);
       for (int64_t b = 1; b < B.count; ++b) {
-        const Acc* q1 = &p1[b * C];
-        const Acc* q2 = &p2[b * C];
+        const Fold* q1 = &p1[b * C];
+        const Fold* q2 = &p2[b * C];
         for (int64_t c = c0; c < c1; ++c) {
           a[c - c0] += q1[c];
           s[c - c0] += q2[c];
         }
       }
-      for (int64_t c = c0; c < c1; ++c) {
-        sdy[c] = static_cast<Acc>(a[c - c0]);
-        sdx[c] = static_cast<Acc>(s[c - c0] * channel_invstd(cv.st, c));
-      }
+      for (int64_t c = c0; c < c1; ++c) finalize_grad_sums(a[c - c0], s[c - c0], cv.st, c, sdy, sdx);
     });
   }
 
@@ -438,17 +424,19 @@ template <class T> struct RowsDriver {
     const T* x = cptr<T>(o.x);
     const T* r = cptr<T>(o.residual);
     std::vector<Acc> A(B.C), Bm(B.C), D(B.C);
+    bool centred = false;
     for (int64_t c = 0; c < B.C; ++c) {
       const BwdCoef<Acc> g = backward_coef(cv.st, cv.af, c, training, sdy ? sdy[c] : Acc(0), sdx ? sdx[c] : Acc(0), count);
       A[c] = g.A;
       Bm[c] = g.Bm;
       D[c] = g.D;
+      centred = g.centred;
     }
     const auto pA = B.pattern(A), pB = B.pattern(Bm), pD = B.pattern(D);
-    for_all_blocks([&](int64_t b, Acc*) {
+    for_all_blocks([&](int64_t b, Fold*) {
       const int64_t off = B.offset(b);
       K.rows_grad_input(dy + off, x + off, B.rows_of(b), B.C, B.L, p.mean.data(), pA.data(), pB.data(), pD.data(),
-                        p.a.data(), p.b.data(), r ? r + off : nullptr, o.relu, dx ? dx + off : nullptr,
+                        centred, p.a.data(), p.b.data(), r ? r + off : nullptr, o.relu, dx ? dx + off : nullptr,
                         dr ? dr + off : nullptr);
     });
   }
@@ -479,7 +467,7 @@ struct CpuBackend {
   static void batch_stats(const Geometry& g, const at::Tensor& x, at::Tensor& mean, at::Tensor& var) {
     FASTBN_DISPATCH(x.scalar_type(), "fastbn_batch_stats", {
       const auto s = g.channels_last ? RowsDriver<T>(g).stats(cptr<T>(x)) : PlanarDriver<T>(g).stats(cptr<T>(x));
-      for (int64_t c = 0; c < g.C; ++c) finalize_stats(s[c], 0.0, mptr<Acc>(mean), mptr<Acc>(var), (Acc*)nullptr, c);
+      for (int64_t c = 0; c < g.C; ++c) finalize_stats(s[c], Acc(0), mptr<Acc>(mean), mptr<Acc>(var), (Acc*)nullptr, c);
     });
   }
   static void forward_train(const Operands& o, at::Tensor& y, at::Tensor& mean, at::Tensor& invstd, at::Tensor& var) {
@@ -530,10 +518,8 @@ struct CpuBackend {
       const scalar_t* pv = vars.data_ptr<scalar_t>();
       for (int64_t c = 0; c < C; ++c) {
         WelfordState<Fold> s{0, 0.0, 0.0};
-        for (int64_t w = 0; w < W; ++w)
-          s = chan_merge(s, WelfordState<Fold>{n[w], static_cast<Fold>(pm[w * C + c]),
-                                               static_cast<Fold>(pv[w * C + c]) * static_cast<Fold>(n[w])});
-        finalize_stats(narrow<scalar_t>(s), eps, mean.data_ptr<scalar_t>(), var.data_ptr<scalar_t>(),
+        for (int64_t w = 0; w < W; ++w) s = chan_merge(s, rank_state<Fold>(n[w], pm[w * C + c], pv[w * C + c]));
+        finalize_stats(s, static_cast<scalar_t>(eps), mean.data_ptr<scalar_t>(), var.data_ptr<scalar_t>(),
                        invstd.data_ptr<scalar_t>(), c);
       }
     });

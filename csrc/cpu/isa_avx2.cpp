@@ -1,6 +1,8 @@
 // CPU kernels compiled for AVX2 + FMA + F16C (chosen at run time when the CPU has them).
 // Everything after the target pragma lives in namespace isa_avx2, so no inline function
-// compiled for AVX2 can be picked by the linker for a baseline caller.
+// compiled for AVX2 can be picked by the linker for a baseline caller. bn_math.h's madd fuses
+// here (FASTBN_HOST_FMA), as the vectors do.
+#define FASTBN_HOST_FMA 1
 #include <algorithm>
 #include <cmath>
 #include <cstdint>

@@ -17,20 +17,25 @@ struct Run {
 template <class T> struct Kernels {
   using Acc = acc_t<T>;
   int lanes;  // values per vector; row patterns have length lcm(C, lanes)
-  WelfordState<Acc> (*run_stats)(const T* x, Run run);
+  // Statistics and backward sums accumulate in double (see kernels_impl.h); the elementwise
+  // passes compute in Acc.
+  // Statistics of the values minus a per-channel shift (bn_math.h stats_shift).
+  WelfordState<double> (*run_stats)(const T* x, Run run, double shift);
   void (*run_affine)(const T* x, T* y, Run run, FwdCoef<Acc> k, const T* r, bool relu);
-  void (*run_grad_sums)(const T* dy, const T* x, Run run, FwdCoef<Acc> k, const T* r, bool relu, Acc& sum_dy,
-                        Acc& sum_dy_xmu);
+  void (*run_grad_sums)(const T* dy, const T* x, Run run, FwdCoef<Acc> k, const T* r, bool relu, double& sum_dy,
+                        double& sum_dy_xmu);
   void (*run_grad_input)(const T* dy, const T* x, Run run, BwdCoef<Acc> g, FwdCoef<Acc> k, const T* r, bool relu,
                          T* dx, T* dr);
-  // scratch: 2 * L accumulators (rows_stats), 4 * L (rows_grad_sums).
-  void (*rows_stats)(const T* x, int64_t rows, int64_t C, int64_t L, Acc* mean, Acc* m2, Acc* scratch);
+  // scratch: 2 * L doubles + 3 * L Acc (rows_stats), 6 * L doubles (rows_grad_sums).
+  void (*rows_stats)(const T* x, int64_t rows, int64_t C, int64_t L, const double* shift, double* mean, double* m2,
+                     double* scratch);
   void (*rows_affine)(const T* x, T* y, int64_t rows, int64_t C, int64_t L, const Acc* mean, const Acc* a,
                       const Acc* b, const T* r, bool relu);
   void (*rows_grad_sums)(const T* dy, const T* x, int64_t rows, int64_t C, int64_t L, const Acc* mean, const Acc* a,
-                         const Acc* b, const T* r, bool relu, Acc* sum_dy, Acc* sum_dy_xmu, Acc* scratch);
+                         const Acc* b, const T* r, bool relu, double* sum_dy, double* sum_dy_xmu, double* scratch);
   void (*rows_grad_input)(const T* dy, const T* x, int64_t rows, int64_t C, int64_t L, const Acc* mean, const Acc* A,
-                          const Acc* Bm, const Acc* D, const Acc* a, const Acc* b, const T* r, bool relu, T* dx,
+                          const Acc* Bm, const Acc* D, bool centred, const Acc* a, const Acc* b, const T* r,
+                          bool relu, T* dx,
                           T* dr);
 };
 

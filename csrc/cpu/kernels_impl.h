@@ -1,6 +1,7 @@
 // CPU kernel bodies: single-threaded loops over one run or one block of rows. Torch-free.
 // Included by each ISA unit inside its own namespace, after vec.h; threading and the
-// deterministic merge of partial results live in the driver (bn_cpu.cpp).
+// deterministic merge of partial results live in the driver (bn_cpu.cpp). The maths is
+// bn_math.h's, applied to vectors of lanes (Vec) in loop bodies and to scalars in tails.
 //
 // Two memory shapes:
 //  run   : values of ONE channel (planar layout): `nseg` segments of `len` contiguous values,
@@ -10,100 +11,166 @@
 //          so every vector lane keeps one channel whatever C is. Per-channel inputs arrive
 //          replicated to length L ("patterns", see make_pattern); `rows` % P rows at the end
 //          are handled one value at a time.
+//
+// Statistics and backward sums accumulate in double (Stat) whatever the storage type, as
+// PyTorch's CPU kernels do; the elementwise passes compute in the accumulation type acc_t<T>.
 #pragma once
 
 using std::int64_t;
+
+using Stat = double;
+using SVec = Vec<Stat>;
 
 // ------------------------------------------------------------------ runs (planar)
 // A run is `nseg` segments of `len` contiguous values of one channel, `stride` values apart
 // (consecutive planes of a channel, or a piece of one plane when nseg == 1).
 
-// Lane-wise Welford state: every lane of `mean`/`m2` summarises `n` values. Values arrive in
-// chunks of K <= kChunk vectors; a chunk's statistics are exact (its mean, then its centred
-// squares, in registers) and are merged with Chan's formula, so the data is read once.
+// Lane-wise statistics, in two levels. Values arrive in chunks of K <= kChunk vectors, whose
+// statistics are exact (block_stats). Up to kBlockChunks chunks form a block, accumulated in
+// Acc relative to a reference s (the mean of the block's first chunk, lane by lane, so the
+// arithmetic is at the scale of the values' spread, not of an offset) and merged with Chan's
+// formula (chan_absorb). A finished block is merged in double (chan_absorb) into the lane's
+// state, which is relative to the channel's shift (stats_shift). The data is read once.
 constexpr int kChunk = 8;
+constexpr int kBlockChunks = 16;
 
 template <class Acc> struct LaneWelford {
   using V = Vec<Acc>;
-  V mean = V::zero(), m2 = V::zero();
-  int64_t n = 0;
+  static constexpr int H = V::W / SVec::W;  // double vectors per V
 
-  static void chunk_stats(const V* v, int K, V& cmean, V& cm2) {
-    V sum = v[0];
-    for (int j = 1; j < K; ++j) sum = sum + v[j];
-    cmean = sum * V::set1(Acc(1) / static_cast<Acc>(K));
-    cm2 = V::zero();
-    for (int j = 0; j < K; ++j) {
-      const V d = v[j] - cmean;
-      cm2 = V::madd(d, d, cm2);
-    }
-  }
-  // Merges a chunk summary (k values a lane) into (mean, m2) with n values a lane.
-  static void merge(V& mean, V& m2, int64_t n, const V& cmean, const V& cm2, int64_t k) {
-    if (n == 0) {
-      mean = cmean;
-      m2 = cm2;
+  // A chunk of K vectors into the block (s, bmean, bm2) of bn values a lane (bn == 0: the
+  // chunk starts the block and sets s).
+  static void chunk_into_block(V& s, V& bmean, V& bm2, int64_t bn, const V* v, int K) {
+    V cmean, cm2;
+    if (bn == 0) {
+      V r;
+      block_stats(v, K, cmean, cm2, r);
+      s = where_finite(cmean, cmean, V::zero());  // a non-finite reference would turn inf into NaN
+      const V t = r / V::set1(static_cast<Acc>(K));  // the mean's rounding: relative to s, the mean is t
+      bmean = where_finite(cmean, t, cmean);
+      bm2 = madd(V::zero() - t, r, cm2);  // corrected two-pass: m2 - r^2 / K
       return;
     }
-    const Acc ratio = static_cast<Acc>(k) / static_cast<Acc>(n + k);
-    const Acc cross = static_cast<Acc>(n) * ratio;
-    const V delta = cmean - mean;
-    mean = V::madd(delta, V::set1(ratio), mean);
-    m2 = V::madd(delta * delta, V::set1(cross), m2 + cm2);
+    V d[kChunk];
+    for (int j = 0; j < K; ++j) d[j] = v[j] - s;
+    block_stats(d, K, cmean, cm2);
+    chan_absorb(bmean, bm2, cmean, cm2, chan_weights<Acc>(bn, K));
   }
-  void add(const V* v, int K) {
-    V cmean, cm2;
-    chunk_stats(v, K, cmean, cm2);
-    merge(mean, m2, n, cmean, cm2, K);
-    n += K;
+
+  // A block (s, bmean, bm2) of bn values a lane into the double state (mean, m2) of n values
+  // a lane, relative to the lanes' channel shifts `shift` (H vectors).
+  static void block_into_state(SVec* mean, SVec* m2, int64_t n, const V& s, const V& bmean, const V& bm2,
+                               int64_t bn, const SVec* shift) {
+    const ChanWeights<Stat> w = chan_weights<Stat>(n > 0 ? n : 1, bn);
+    for (int h = 0; h < H; ++h) {
+      const SVec bm = (part_wide(s, h) - shift[h]) + part_wide(bmean, h);
+      if (n == 0) {
+        mean[h] = bm;
+        m2[h] = part_wide(bm2, h);
+      } else {
+        chan_absorb(mean[h], m2[h], bm, part_wide(bm2, h), w);
+      }
+    }
+  }
+
+  SVec mean[H], m2[H];
+  int64_t n = 0;
+  V s, bmean, bm2;
+  int64_t bn = 0;
+  int chunks = 0;
+
+  void add(const V* v, int K, const SVec* shift) {
+    chunk_into_block(s, bmean, bm2, bn, v, K);
+    bn += K;
+    if (++chunks == kBlockChunks) flush(shift);
+  }
+  void flush(const SVec* shift) {
+    if (bn == 0) return;
+    block_into_state(mean, m2, n, s, bmean, bm2, bn, shift);
+    n += bn;
+    bn = 0;
+    chunks = 0;
   }
   // Chan merge of all lanes (equal counts) into one state.
-  WelfordState<Acc> reduce() const {
-    WelfordState<Acc> out{0, Acc(0), Acc(0)};
+  WelfordState<Stat> reduce(const SVec* shift) {
+    flush(shift);
+    WelfordState<Stat> out{0, 0.0, 0.0};
     if (n == 0) return out;
-    Acc lm[V::W], lm2[V::W];
-    mean.lanes(lm);
-    m2.lanes(lm2);
-    for (int i = 0; i < V::W; ++i) out = chan_merge(out, WelfordState<Acc>{n, lm[i], lm2[i]});
+    for (int h = 0; h < H; ++h) {
+      Stat lm[SVec::W], lm2[SVec::W];
+      mean[h].lanes(lm);
+      m2[h].lanes(lm2);
+      for (int i = 0; i < SVec::W; ++i) out = chan_merge(out, WelfordState<Stat>{n, lm[i], lm2[i]});
+    }
     return out;
   }
 };
 
-// Statistics of a run, reading it once (lane-wise chunked Welford, exact within chunks).
+// Statistics of the run's values minus `shift` (stats_shift), reading it once (LaneWelford).
 template <class T>
-WelfordState<acc_t<T>> run_stats(const T* x, Run run) {
+WelfordState<Stat> run_stats(const T* x, Run run, Stat shift) {
   using Acc = acc_t<T>;
   using V = Vec<Acc>;
   constexpr int W = V::W;
+  SVec vs[LaneWelford<Acc>::H];
+  for (auto& h : vs) h = SVec::set1(shift);
   const int64_t len = run.len;
   LaneWelford<Acc> lanes;
-  WelfordState<Acc> tail{0, Acc(0), Acc(0)};
+  // Segment tails (len % W values each) are gathered into whole vectors; the last < W
+  // values go through the scalar Welford update.
+  Acc gathered[W];
+  int ng = 0;
   V v[kChunk];
   for (int64_t k = 0; k < run.nseg; ++k) {
     const T* p = x + k * run.stride;
     int64_t i = 0;
     for (; i + kChunk * W <= len; i += kChunk * W) {
       for (int j = 0; j < kChunk; ++j) v[j] = V::load(p + i + j * W);
-      lanes.add(v, kChunk);
+      lanes.add(v, kChunk, vs);
     }
     const int rest = static_cast<int>((len - i) / W);
     if (rest > 0) {
       for (int j = 0; j < rest; ++j) v[j] = V::load(p + i + j * W);
-      lanes.add(v, rest);
+      lanes.add(v, rest, vs);
       i += rest * W;
     }
-    for (; i < len; ++i) welford_add(tail, to_acc(p[i]));
+    for (; i < len; ++i) {
+      gathered[ng++] = to_acc(p[i]);
+      if (ng == W) {
+        v[0] = V::load(gathered);
+        lanes.add(v, 1, vs);
+        ng = 0;
+      }
+    }
   }
-  return chan_merge(lanes.reduce(), tail);
+  WelfordState<Stat> tail{0, 0.0, 0.0};
+  for (int j = 0; j < ng; ++j) welford_add(tail, static_cast<Stat>(gathered[j]) - shift);
+  return chan_merge(lanes.reduce(vs), tail);
 }
 
-// y = (x - mean) * a + b [+ r] [relu], one channel. y and r are laid out like x.
+// Vector V of values at p, or zeros when p is null (no residual).
+template <class V, class T> inline V load_or_zero(const T* p, int64_t i) { return p ? V::load(p + i) : V::zero(); }
+template <class Acc, class T> inline Acc value_or_zero(const T* p, int64_t i) { return p ? to_acc(p[i]) : Acc(0); }
+
+// Calls f(std::bool_constant<a>{}, std::bool_constant<b>{}): loop bodies specialised on two
+// flags that are constant for a whole call (relu, training), so no test is left in the loop.
+template <class F> inline void with_flags(bool a, bool b, F&& f) {
+  if (a) {
+    if (b) f(std::true_type{}, std::true_type{});
+    else f(std::true_type{}, std::false_type{});
+  } else {
+    if (b) f(std::false_type{}, std::true_type{});
+    else f(std::false_type{}, std::false_type{});
+  }
+}
+
+// y = act((x - mean) * a + b [+ r]), one channel. y and r are laid out like x.
 template <class T>
 void run_affine(const T* x, T* y, Run run, FwdCoef<acc_t<T>> k, const T* r, bool relu) {
   using Acc = acc_t<T>;
   using V = Vec<Acc>;
   constexpr int W = V::W;
-  const V vm = V::set1(k.mean), va = V::set1(k.a), vb = V::set1(k.b);
+  const FwdCoef<V> kv = splat_coef<V>(k);
   const int64_t len = run.len;
   for (int64_t seg = 0; seg < run.nseg; ++seg) {
     const int64_t o = seg * run.stride;
@@ -111,116 +178,124 @@ void run_affine(const T* x, T* y, Run run, FwdCoef<acc_t<T>> k, const T* r, bool
     T* ys = y + o;
     const T* rs = r ? r + o : nullptr;
     int64_t i = 0;
-    if (rs == nullptr && !relu) {
-      for (; i + W <= len; i += W) V::madd(V::load(xs + i) - vm, va, vb).store(ys + i);
-      for (; i < len; ++i) ys[i] = from_acc<T>(smadd(to_acc(xs[i]) - k.mean, k.a, k.b));
-      continue;
+    if (rs == nullptr && !relu) {  // the common case, without the per-vector flag tests
+      for (; i + W <= len; i += W) forward_value(V::load(xs + i), kv, V::zero(), false, false).store(ys + i);
+    } else {
+      for (; i + W <= len; i += W)
+        forward_value(V::load(xs + i), kv, load_or_zero<V>(rs, i), rs != nullptr, relu).store(ys + i);
     }
-    for (; i + W <= len; i += W) {
-      V v = V::madd(V::load(xs + i) - vm, va, vb);
-      if (rs) v = v + V::load(rs + i);
-      if (relu) v = V::relu(v);
-      v.store(ys + i);
-    }
-    for (; i < len; ++i) {
-      Acc v = smadd(to_acc(xs[i]) - k.mean, k.a, k.b);
-      if (rs) v += to_acc(rs[i]);
-      if (relu) v = v > Acc(0) ? v : Acc(0);
-      ys[i] = from_acc<T>(v);
-    }
+    for (; i < len; ++i)
+      ys[i] = from_acc<T>(forward_value(to_acc(xs[i]), k, value_or_zero<Acc>(rs, i), rs != nullptr, relu));
   }
 }
 
-// Effective upstream gradient: dy, masked by the relu of the recomputed pre-activation.
-template <class V, class T>
-inline V masked_dy(const V& dy, const V& x, const V& vm, const V& va, const V& vb, const T* r, int64_t i, bool relu) {
-  if (!relu) return dy;
-  V pre = V::madd(x - vm, va, vb);
-  if (r) pre = pre + V::load(r + i);
-  return V::where_positive(pre, dy);
-}
-template <class Acc, class T>
-inline Acc masked_dy_scalar(Acc dy, Acc x, const FwdCoef<Acc>& k, const T* r, int64_t i, bool relu) {
-  if (!relu) return dy;
-  Acc pre = smadd(x - k.mean, k.a, k.b);
-  if (r) pre += to_acc(r[i]);
-  return pre > Acc(0) ? dy : Acc(0);
-}
+// Backward sums: vectors of Acc collect about kFresh terms a lane (never 2 * kFresh), then
+// are added into (lo, hi) pairs of doubles (add_wide): the rounding of Acc sums stays that
+// of a few terms.
+constexpr int kFresh = 16;
 
-// sum dy_eff and sum dy_eff * (x - mean) over one run of one channel.
+// sum dy_eff and sum dy_eff * (x - mean) over one run of one channel (effective_dy).
 template <class T>
-void run_grad_sums(const T* dy, const T* x, Run run, FwdCoef<acc_t<T>> k, const T* r, bool relu,
-                   acc_t<T>& sum_dy, acc_t<T>& sum_dy_xmu) {
+void run_grad_sums(const T* dy, const T* x, Run run, FwdCoef<acc_t<T>> k, const T* r, bool relu, Stat& sum_dy,
+                   Stat& sum_dy_xmu) {
   using Acc = acc_t<T>;
   using V = Vec<Acc>;
   constexpr int W = V::W;
-  const V vm = V::set1(k.mean), va = V::set1(k.a), vb = V::set1(k.b);
-  V a0 = V::zero(), a1 = V::zero(), b0 = V::zero(), b1 = V::zero();
-  Acc sdy = 0, sdx = 0;
-  const int64_t len = run.len;
-  for (int64_t seg = 0; seg < run.nseg; ++seg) {
-    const int64_t o = seg * run.stride;
-    const T* xs = x + o;
-    const T* gs = dy + o;
-    const T* rs = r ? r + o : nullptr;
-    int64_t i = 0;
-    for (; i + 2 * W <= len; i += 2 * W) {
-      const V x0 = V::load(xs + i), x1 = V::load(xs + i + W);
-      const V g0 = masked_dy(V::load(gs + i), x0, vm, va, vb, rs, i, relu);
-      const V g1 = masked_dy(V::load(gs + i + W), x1, vm, va, vb, rs, i + W, relu);
-      a0 = a0 + g0;
-      a1 = a1 + g1;
-      b0 = V::madd(g0, x0 - vm, b0);
-      b1 = V::madd(g1, x1 - vm, b1);
+  SVec A_lo = SVec::zero(), A_hi = SVec::zero(), B_lo = SVec::zero(), B_hi = SVec::zero();
+  Stat sdy = 0, sdx = 0;
+  with_flags(relu, r != nullptr, [&](auto relu_c, auto has_r_c) {
+    constexpr bool kRelu = decltype(relu_c)::value;
+    constexpr bool kHasR = decltype(has_r_c)::value;
+    const FwdCoef<V> kv = splat_coef<V>(k);
+    const int64_t len = run.len;
+    V a0 = V::zero(), a1 = V::zero(), b0 = V::zero(), b1 = V::zero();  // fresh
+    int fresh = 0;  // terms a lane of the fresh accumulators holds, about
+    auto flush = [&] {
+      add_wide(A_lo, A_hi, a0);
+      add_wide(A_lo, A_hi, a1);
+      add_wide(B_lo, B_hi, b0);
+      add_wide(B_lo, B_hi, b1);
+      a0 = a1 = b0 = b1 = V::zero();
+      fresh = 0;
+    };
+    for (int64_t seg = 0; seg < run.nseg; ++seg) {
+      const int64_t o = seg * run.stride;
+      const T* xs = x + o;
+      const T* gs = dy + o;
+      const T* rs = kHasR ? r + o : nullptr;
+      auto two = [&](int64_t i) {
+        const V x0 = V::load(xs + i), x1 = V::load(xs + i + W);
+        const V g0 = effective_dy(V::load(gs + i), x0, kv, load_or_zero<V>(rs, i), kHasR, kRelu);
+        const V g1 = effective_dy(V::load(gs + i + W), x1, kv, load_or_zero<V>(rs, i + W), kHasR, kRelu);
+        a0 = a0 + g0;
+        a1 = a1 + g1;
+        b0 = madd(g0, x0 - kv.mean, b0);
+        b1 = madd(g1, x1 - kv.mean, b1);
+      };
+      int64_t i = 0;
+      for (; i + 2 * W * kFresh <= len; i += 2 * W * kFresh) {
+        for (int j = 0; j < kFresh; ++j) two(i + 2 * W * j);
+        flush();
+      }
+      for (; i + 2 * W <= len; i += 2 * W, ++fresh) two(i);
+      for (; i + W <= len; i += W, ++fresh) {
+        const V x0 = V::load(xs + i);
+        const V g0 = effective_dy(V::load(gs + i), x0, kv, load_or_zero<V>(rs, i), kHasR, kRelu);
+        a0 = a0 + g0;
+        b0 = madd(g0, x0 - kv.mean, b0);
+      }
+      if (fresh >= kFresh) flush();  // so a lane never holds more than 2 * kFresh terms
+      for (; i < len; ++i) {
+        const Acc xv = to_acc(xs[i]);
+        const Acc g = effective_dy(to_acc(gs[i]), xv, k, value_or_zero<Acc>(rs, i), kHasR, kRelu);
+        sdy += g;
+        sdx = madd(static_cast<Stat>(g), static_cast<Stat>(xv - k.mean), sdx);
+      }
     }
-    for (; i + W <= len; i += W) {
-      const V x0 = V::load(xs + i);
-      const V g0 = masked_dy(V::load(gs + i), x0, vm, va, vb, rs, i, relu);
-      a0 = a0 + g0;
-      b0 = V::madd(g0, x0 - vm, b0);
-    }
-    for (; i < len; ++i) {
-      const Acc xv = to_acc(xs[i]);
-      const Acc g = masked_dy_scalar(to_acc(gs[i]), xv, k, rs, i, relu);
-      sdy += g;
-      sdx = smadd(g, xv - k.mean, sdx);
-    }
-  }
-  sum_dy = sdy + hsum(a0 + a1);
-  sum_dy_xmu = sdx + hsum(b0 + b1);
+    flush();
+  });
+  sum_dy = sdy + hsum(pair_total<Acc>(A_lo, A_hi));
+  sum_dy_xmu = sdx + hsum(pair_total<Acc>(B_lo, B_hi));
 }
 
-// dx = A * dy_eff + Bm * (x - mean) + D (when dx != null); dr = dy_eff (when dr != null).
+// dx = grad_input(dy_eff) (when dx != null); dr = dy_eff (when dr != null).
 template <class T>
 void run_grad_input(const T* dy, const T* x, Run run, BwdCoef<acc_t<T>> g, FwdCoef<acc_t<T>> k, const T* r,
                     bool relu, T* dx, T* dr) {
   using Acc = acc_t<T>;
   using V = Vec<Acc>;
   constexpr int W = V::W;
-  const V vm = V::set1(k.mean), va = V::set1(k.a), vb = V::set1(k.b);
-  const V vA = V::set1(g.A), vB = V::set1(g.Bm), vD = V::set1(g.D);
-  const int64_t len = run.len;
-  for (int64_t seg = 0; seg < run.nseg; ++seg) {
-    const int64_t o = seg * run.stride;
-    const T* xs = x + o;
-    const T* gs = dy + o;
-    const T* rs = r ? r + o : nullptr;
-    T* dxs = dx ? dx + o : nullptr;
-    T* drs = dr ? dr + o : nullptr;
-    int64_t i = 0;
-    for (; i + W <= len; i += W) {
-      const V xv = V::load(xs + i);
-      const V d = masked_dy(V::load(gs + i), xv, vm, va, vb, rs, i, relu);
-      if (drs) d.store(drs + i);
-      if (dxs) V::madd(d, vA, V::madd(xv - vm, vB, vD)).store(dxs + i);
+  with_flags(relu, g.centred, [&](auto relu_c, auto centred_c) {
+    constexpr bool kRelu = decltype(relu_c)::value;
+    BwdCoef<Acc> gs = g;
+    gs.centred = decltype(centred_c)::value;
+    const FwdCoef<V> kv = splat_coef<V>(k);
+    BwdCoef<V> gv = splat_coef<V>(gs);
+    gv.centred = decltype(centred_c)::value;
+    const int64_t len = run.len;
+    for (int64_t seg = 0; seg < run.nseg; ++seg) {
+      const int64_t o = seg * run.stride;
+      const T* xs = x + o;
+      const T* gp = dy + o;
+      const T* rs = r ? r + o : nullptr;
+      const bool has_r = rs != nullptr;
+      T* dxs = dx ? dx + o : nullptr;
+      T* drs = dr ? dr + o : nullptr;
+      int64_t i = 0;
+      for (; i + W <= len; i += W) {
+        const V xv = V::load(xs + i);
+        const V d = effective_dy(V::load(gp + i), xv, kv, load_or_zero<V>(rs, i), has_r, kRelu);
+        if (drs) d.store(drs + i);
+        if (dxs) grad_input(d, xv, gv).store(dxs + i);
+      }
+      for (; i < len; ++i) {
+        const Acc xv = to_acc(xs[i]);
+        const Acc d = effective_dy(to_acc(gp[i]), xv, k, value_or_zero<Acc>(rs, i), has_r, kRelu);
+        if (drs) drs[i] = from_acc<T>(d);
+        if (dxs) dxs[i] = from_acc<T>(grad_input(d, xv, gs));
+      }
     }
-    for (; i < len; ++i) {
-      const Acc xv = to_acc(xs[i]);
-      const Acc d = masked_dy_scalar(to_acc(gs[i]), xv, k, rs, i, relu);
-      if (drs) drs[i] = from_acc<T>(d);
-      if (dxs) dxs[i] = from_acc<T>(smadd(d, g.A, smadd(xv - k.mean, g.Bm, g.D)));
-    }
-  }
+  });
 }
 
 // ------------------------------------------------------------------ rows (channels last)
@@ -239,56 +314,80 @@ template <class Acc> inline void fold_pattern(const Acc* pat, int64_t L, int64_t
 // a multiple of every vector width.
 constexpr int64_t kTile = 8192;
 
-// Cascade summation over the periods of a block: `fresh` collects up to kCascade periods,
-// then is added into `total` (rounding error grows with kCascade + periods / kCascade
-// instead of with the number of periods).
-constexpr int64_t kCascade = 16;
-
-template <class Acc> inline void cascade_flush(Acc* total, Acc* fresh, int64_t p0, int64_t p1) {
-  using V = Vec<Acc>;
-  for (int64_t p = p0; p < p1; p += V::W) {
-    (V::load(total + p) + V::load(fresh + p)).store(total + p);
-    V::zero().store(fresh + p);
-  }
-}
-
-// Per-channel statistics of a block: mean[c] and m2[c] over `rows` rows (rows >= 1), reading
-// the block once: each pattern position keeps a lane-wise Welford state over chunks of up to
-// kChunk periods; positions of the same channel are merged at the end. scratch: 2 * L.
+// Per-channel statistics of a block's values minus the channel's shift (`shift`: a pattern
+// of length L): mean[c] and m2[c] over `rows` rows (rows >= 1), reading the block once: each
+// pattern position keeps LaneWelford's two levels (in scratch) over chunks of up to kChunk
+// periods; positions of the same channel are merged at the end. scratch: 2 * L doubles
+// followed by 3 * L Acc.
 template <class T>
-void rows_stats(const T* x, int64_t rows, int64_t C, int64_t L, acc_t<T>* mean, acc_t<T>* m2, acc_t<T>* scratch) {
+void rows_stats(const T* x, int64_t rows, int64_t C, int64_t L, const Stat* shift, Stat* mean, Stat* m2,
+                Stat* scratch) {
   using Acc = acc_t<T>;
   using V = Vec<Acc>;
+  using LW = LaneWelford<Acc>;
   constexpr int W = V::W;
+  constexpr int H = LW::H;
   const int64_t P = L / C;
   const int64_t periods = rows / P;
-  Acc* pmean = scratch;    // [L] per-position state, n values each
-  Acc* pm2 = scratch + L;  // [L]
+  Stat* pmean = scratch;    // [L] per-position double state, n values each
+  Stat* pm2 = scratch + L;  // [L]
+  Acc* ps = reinterpret_cast<Acc*>(scratch + 2 * L);  // [L] per-position block: reference,
+  Acc* pbm = ps + L;                                  // [L] mean relative to it,
+  Acc* pbm2 = pbm + L;                                // [L] m2; bn values each
   int64_t n = 0;
   V v[kChunk];
   for (int64_t p0 = 0; p0 < L; p0 += kTile) {
     const int64_t p1 = std::min(L, p0 + kTile);
     n = 0;
+    int64_t bn = 0;
+    int chunks = 0;
+    auto flush = [&] {
+      for (int64_t p = p0; p < p1; p += W) {
+        SVec sm[H], sm2[H], vs[H];
+        for (int h = 0; h < H; ++h) {
+          const int64_t q = p + h * SVec::W;
+          vs[h] = SVec::load(shift + q);
+          if (n) {
+            sm[h] = SVec::load(pmean + q);
+            sm2[h] = SVec::load(pm2 + q);
+          }
+        }
+        LW::block_into_state(sm, sm2, n, V::load(ps + p), V::load(pbm + p), V::load(pbm2 + p), bn, vs);
+        for (int h = 0; h < H; ++h) {
+          sm[h].store(pmean + p + h * SVec::W);
+          sm2[h].store(pm2 + p + h * SVec::W);
+        }
+      }
+      n += bn;
+      bn = 0;
+      chunks = 0;
+    };
     for (int64_t k = 0; k < periods; k += kChunk) {
       const int K = static_cast<int>(std::min<int64_t>(kChunk, periods - k));
       const T* xs = x + k * L;
       for (int64_t p = p0; p < p1; p += W) {
         for (int j = 0; j < K; ++j) v[j] = V::load(xs + j * L + p);
-        V cmean, cm2;
-        LaneWelford<Acc>::chunk_stats(v, K, cmean, cm2);
-        V sm = n ? V::load(pmean + p) : V::zero(), sm2 = n ? V::load(pm2 + p) : V::zero();
-        LaneWelford<Acc>::merge(sm, sm2, n, cmean, cm2, K);
-        sm.store(pmean + p);
-        sm2.store(pm2 + p);
+        V sv, bm, bm2;
+        if (bn) {
+          sv = V::load(ps + p);
+          bm = V::load(pbm + p);
+          bm2 = V::load(pbm2 + p);
+        }
+        LW::chunk_into_block(sv, bm, bm2, bn, v, K);
+        if (!bn) sv.store(ps + p);
+        bm.store(pbm + p);
+        bm2.store(pbm2 + p);
       }
-      n += K;
+      bn += K;
+      if (++chunks == kBlockChunks) flush();
     }
+    if (bn) flush();
   }
   for (int64_t c = 0; c < C; ++c) {
-    WelfordState<Acc> st{0, Acc(0), Acc(0)};
+    WelfordState<Stat> st{0, 0.0, 0.0};
     if (n > 0)
-      for (int64_t q = 0; q < L; q += C) st = chan_merge(st, WelfordState<Acc>{n, pmean[q + c], pm2[q + c]});
-    for (int64_t i = periods * L + c; i < rows * C; i += C) welford_add(st, to_acc(x[i]));
+      for (int64_t q = 0; q < L; q += C) st = chan_merge(st, WelfordState<Stat>{n, pmean[q + c], pm2[q + c]});
+    for (int64_t i = periods * L + c; i < rows * C; i += C) welford_add(st, static_cast<Stat>(to_acc(x[i])) - shift[c]);
     mean[c] = st.mean;
     m2[c] = st.m2;
   }
@@ -309,102 +408,139 @@ inline void walk_rows(int64_t rows, int64_t C, int64_t L, FV&& vec, FS&& scalar)
     for (int64_t c = 0; c < C; ++c) scalar(row + c, c);
 }
 
-// y = (x - mean) * a + b [+ r] [relu] over a block of rows. mean/a/b: patterns of length L
+// Forward coefficients at pattern position p (vectors) or of channel c (scalars). With
+// `scale` false only the mean is loaded (a backward without relu needs no a, b).
+template <class V, class Acc>
+inline FwdCoef<V> fwd_at(const Acc* mean, const Acc* a, const Acc* b, int64_t p, bool scale = true) {
+  return scale ? FwdCoef<V>{V::load(mean + p), V::load(a + p), V::load(b + p)}
+               : FwdCoef<V>{V::load(mean + p), V::zero(), V::zero()};
+}
+template <class Acc> inline FwdCoef<Acc> fwd_of(const Acc* mean, const Acc* a, const Acc* b, int64_t c) {
+  return FwdCoef<Acc>{mean[c], a[c], b[c]};
+}
+
+// y = act((x - mean) * a + b [+ r]) over a block of rows. mean/a/b: patterns of length L
 // (position q * C + c holds channel c's value).
 template <class T>
 void rows_affine(const T* x, T* y, int64_t rows, int64_t C, int64_t L, const acc_t<T>* mean, const acc_t<T>* a,
                  const acc_t<T>* b, const T* r, bool relu) {
   using Acc = acc_t<T>;
   using V = Vec<Acc>;
+  const bool has_r = r != nullptr;
   walk_rows<V::W>(
       rows, C, L,
       [&](int64_t i, int64_t p) {
-        V v = V::madd(V::load(x + i) - V::load(mean + p), V::load(a + p), V::load(b + p));
-        if (r) v = v + V::load(r + i);
-        if (relu) v = V::relu(v);
-        v.store(y + i);
+        forward_value(V::load(x + i), fwd_at<V>(mean, a, b, p), load_or_zero<V>(r, i), has_r, relu).store(y + i);
       },
       [&](int64_t i, int64_t c) {
-        Acc v = smadd(to_acc(x[i]) - mean[c], a[c], b[c]);
-        if (r) v += to_acc(r[i]);
-        if (relu) v = v > Acc(0) ? v : Acc(0);
-        y[i] = from_acc<T>(v);
+        y[i] = from_acc<T>(forward_value(to_acc(x[i]), fwd_of(mean, a, b, c), value_or_zero<Acc>(r, i), has_r, relu));
       });
 }
 
-// Per-channel sum dy_eff and sum dy_eff * (x - mean) over a block of rows (outputs overwritten).
-// scratch: 4 * L accumulators.
+// Per-channel sum dy_eff and sum dy_eff * (x - mean) over a block of rows (outputs
+// overwritten). Each pattern position collects up to kFresh periods in Acc, then adds them
+// into (lo, hi) pairs of doubles (add_wide). scratch: 6 * L doubles.
 template <class T>
 void rows_grad_sums(const T* dy, const T* x, int64_t rows, int64_t C, int64_t L, const acc_t<T>* mean,
-                    const acc_t<T>* a, const acc_t<T>* b, const T* r, bool relu, acc_t<T>* sum_dy,
-                    acc_t<T>* sum_dy_xmu, acc_t<T>* scratch) {
+                    const acc_t<T>* a, const acc_t<T>* b, const T* r, bool relu, Stat* sum_dy, Stat* sum_dy_xmu,
+                    Stat* scratch) {
   using Acc = acc_t<T>;
   using V = Vec<Acc>;
   constexpr int W = V::W;
+  // Where each pattern position's pair lives: a float vector's halves are 4 positions apart,
+  // a double vector's compensation is in the array's second half.
+  constexpr int64_t kHi = W == SVec::W ? -1 : SVec::W;
+  const int64_t hi_off = kHi < 0 ? L : kHi;
   const int64_t P = L / C;
   const int64_t periods = rows / P;
   const int64_t flat_end = periods * L;
-  Acc* t1 = scratch;
-  Acc* f1 = scratch + L;
-  Acc* t2 = scratch + 2 * L;
-  Acc* f2 = scratch + 3 * L;
-  for (int64_t p = 0; p < 4 * L; ++p) scratch[p] = Acc(0);
+  const bool has_r = r != nullptr;
+  Stat* s1 = scratch;          // pairs of sum dy
+  Stat* s2 = scratch + 2 * L;  // pairs of sum dy * (x - mean)
+  Acc* f1 = reinterpret_cast<Acc*>(scratch + 4 * L);  // [L] fresh
+  Acc* f2 = f1 + L;                                   // [L]
+  const int64_t pair_len = kHi < 0 ? 2 * L : L;  // doubles a pair array uses
+  for (int64_t p = 0; p < pair_len; ++p) s1[p] = s2[p] = 0.0;
+  for (int64_t p = 0; p < 2 * L; ++p) f1[p] = Acc(0);
+  auto flush = [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; p += W) {
+      SVec a_lo = SVec::load(s1 + p), a_hi = SVec::load(s1 + p + hi_off);
+      SVec b_lo = SVec::load(s2 + p), b_hi = SVec::load(s2 + p + hi_off);
+      add_wide(a_lo, a_hi, V::load(f1 + p));
+      add_wide(b_lo, b_hi, V::load(f2 + p));
+      a_lo.store(s1 + p);
+      a_hi.store(s1 + p + hi_off);
+      b_lo.store(s2 + p);
+      b_hi.store(s2 + p + hi_off);
+      V::zero().store(f1 + p);
+      V::zero().store(f2 + p);
+    }
+  };
   for (int64_t p0 = 0; p0 < L; p0 += kTile) {
     const int64_t p1 = std::min(L, p0 + kTile);
     for (int64_t k = 0; k < periods; ++k) {
       const int64_t base = k * L;
       for (int64_t p = p0; p < p1; p += W) {
         const int64_t i = base + p;
-        const V vm = V::load(mean + p);
+        const FwdCoef<V> kv = fwd_at<V>(mean, a, b, p, relu);
         const V xv = V::load(x + i);
-        const V g = relu ? masked_dy(V::load(dy + i), xv, vm, V::load(a + p), V::load(b + p), r, i, true) : V::load(dy + i);
+        const V g = effective_dy(V::load(dy + i), xv, kv, load_or_zero<V>(r, i), has_r, relu);
         (V::load(f1 + p) + g).store(f1 + p);
-        V::madd(g, xv - vm, V::load(f2 + p)).store(f2 + p);
+        madd(g, xv - kv.mean, V::load(f2 + p)).store(f2 + p);
       }
-      if ((k + 1) % kCascade == 0) {
-        cascade_flush(t1, f1, p0, p1);
-        cascade_flush(t2, f2, p0, p1);
-      }
+      if ((k + 1) % kFresh == 0) flush(p0, p1);
     }
-    cascade_flush(t1, f1, p0, p1);
-    cascade_flush(t2, f2, p0, p1);
+    flush(p0, p1);
   }
-  fold_pattern(t1, L, C, sum_dy);
-  fold_pattern(t2, L, C, sum_dy_xmu);
+  if (kHi < 0) {  // add the compensations (pair_total)
+    for (int64_t p = 0; p < L; p += SVec::W) {
+      pair_total<Acc>(SVec::load(s1 + p), SVec::load(s1 + L + p)).store(s1 + p);
+      pair_total<Acc>(SVec::load(s2 + p), SVec::load(s2 + L + p)).store(s2 + p);
+    }
+  }
+  fold_pattern(s1, L, C, sum_dy);
+  fold_pattern(s2, L, C, sum_dy_xmu);
   for (int64_t row = flat_end; row < rows * C; row += C)
     for (int64_t c = 0; c < C; ++c) {
       const int64_t i = row + c;
-      const FwdCoef<Acc> k{mean[c], a[c], b[c]};
+      const FwdCoef<Acc> k = fwd_of(mean, a, b, c);
       const Acc xv = to_acc(x[i]);
-      const Acc g = masked_dy_scalar(to_acc(dy[i]), xv, k, r, i, relu);
+      const Acc g = effective_dy(to_acc(dy[i]), xv, k, value_or_zero<Acc>(r, i), has_r, relu);
       sum_dy[c] += g;
-      sum_dy_xmu[c] = smadd(g, xv - k.mean, sum_dy_xmu[c]);
+      sum_dy_xmu[c] = madd(static_cast<Stat>(g), static_cast<Stat>(xv - k.mean), sum_dy_xmu[c]);
     }
 }
 
-// dx = A * dy_eff + Bm * (x - mean) + D, dr = dy_eff over a block of rows. All per-channel
-// inputs are patterns of length L.
+// dx = grad_input(dy_eff), dr = dy_eff over a block of rows. All per-channel inputs are
+// patterns of length L; `centred`: BwdCoef::centred (training).
 template <class T>
 void rows_grad_input(const T* dy, const T* x, int64_t rows, int64_t C, int64_t L, const acc_t<T>* mean,
-                     const acc_t<T>* A, const acc_t<T>* Bm, const acc_t<T>* D, const acc_t<T>* a,
+                     const acc_t<T>* A, const acc_t<T>* Bm, const acc_t<T>* D, bool centred, const acc_t<T>* a,
                      const acc_t<T>* b, const T* r, bool relu, T* dx, T* dr) {
   using Acc = acc_t<T>;
   using V = Vec<Acc>;
-  walk_rows<V::W>(
-      rows, C, L,
-      [&](int64_t i, int64_t p) {
-        const V vm = V::load(mean + p);
-        const V xv = V::load(x + i);
-        const V d = relu ? masked_dy(V::load(dy + i), xv, vm, V::load(a + p), V::load(b + p), r, i, true)
-                         : V::load(dy + i);
-        if (dr) d.store(dr + i);
-        if (dx) V::madd(d, V::load(A + p), V::madd(xv - vm, V::load(Bm + p), V::load(D + p))).store(dx + i);
-      },
-      [&](int64_t i, int64_t c) {
-        const FwdCoef<Acc> k{mean[c], a[c], b[c]};
-        const Acc xv = to_acc(x[i]);
-        const Acc d = masked_dy_scalar(to_acc(dy[i]), xv, k, r, i, relu);
-        if (dr) dr[i] = from_acc<T>(d);
-        if (dx) dx[i] = from_acc<T>(smadd(d, A[c], smadd(xv - k.mean, Bm[c], D[c])));
-      });
+  const bool has_r = r != nullptr;
+  with_flags(relu, centred, [&](auto relu_c, auto centred_c) {
+    constexpr bool kRelu = decltype(relu_c)::value;
+    constexpr bool kCentred = decltype(centred_c)::value;
+    walk_rows<V::W>(
+        rows, C, L,
+        [&](int64_t i, int64_t p) {
+          const V xv = V::load(x + i);
+          const V d = effective_dy(V::load(dy + i), xv, fwd_at<V>(mean, a, b, p, kRelu), load_or_zero<V>(r, i), has_r,
+                                   kRelu);
+          if (dr) d.store(dr + i);
+          if (dx) {
+            const BwdCoef<V> g{V::load(mean + p), V::load(A + p), kCentred ? V::load(Bm + p) : V::zero(),
+                               kCentred ? V::load(D + p) : V::zero(), kCentred};
+            grad_input(d, xv, g).store(dx + i);
+          }
+        },
+        [&](int64_t i, int64_t c) {
+          const Acc xv = to_acc(x[i]);
+          const Acc d = effective_dy(to_acc(dy[i]), xv, fwd_of(mean, a, b, c), value_or_zero<Acc>(r, i), has_r, kRelu);
+          if (dr) dr[i] = from_acc<T>(d);
+          if (dx) dx[i] = from_acc<T>(grad_input(d, xv, BwdCoef<Acc>{mean[c], A[c], Bm[c], D[c], kCentred}));
+        });
+  });
 }

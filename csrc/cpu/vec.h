@@ -4,10 +4,19 @@
 // (isa_base.cpp, isa_avx2.cpp) inside their own namespace: with FASTBN_CPU_AVX2 defined it
 // maps to AVX2/FMA/F16C intrinsics, otherwise to plain lane loops the compiler vectorises
 // for the baseline ISA. load(p) reads W storage values (float, double, f16, bf16) and widens
-// them; store(p, v) rounds to the storage type (round to nearest even).
+// them (Vec<double> also reads 4 float, f16 or bf16 values: the CPU statistics accumulate in
+// double); store(p, v) rounds to the storage type (round to nearest even). The free functions
+// madd (fused in the AVX2 unit), where_finite, relu_value and where_positive are bn_math.h's scalar ones lane by
+// lane, so bn_math.h's formulas take a Vec as their value type.
 #pragma once
 
 template <class Acc> struct Vec;
+
+// The scalar versions stay visible beside the Vec overloads declared in this namespace.
+using ::fastbn::madd;
+using ::fastbn::relu_value;
+using ::fastbn::where_finite;
+using ::fastbn::where_positive;
 
 #if FASTBN_CPU_AVX2
 
@@ -37,13 +46,6 @@ template <> struct Vec<float> {
     const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
   }
-  // x * a + b, fused.
-  static Vec madd(Vec x, Vec a, Vec b) { return {_mm256_fmadd_ps(x.v, a.v, b.v)}; }
-  static Vec relu(Vec x) { return {_mm256_max_ps(x.v, _mm256_setzero_ps())}; }
-  // value where pre > 0, else 0 (NaN pre gives 0, as relu's gradient does).
-  static Vec where_positive(Vec pre, Vec value) {
-    return {_mm256_and_ps(_mm256_cmp_ps(pre.v, _mm256_setzero_ps(), _CMP_GT_OQ), value.v)};
-  }
   void lanes(float* out) const { _mm256_storeu_ps(out, v); }
 };
 
@@ -53,12 +55,15 @@ template <> struct Vec<double> {
   static Vec set1(double a) { return {_mm256_set1_pd(a)}; }
   static Vec zero() { return {_mm256_setzero_pd()}; }
   static Vec load(const double* p) { return {_mm256_loadu_pd(p)}; }
-  void store(double* p) const { _mm256_storeu_pd(p, v); }
-  static Vec madd(Vec x, Vec a, Vec b) { return {_mm256_fmadd_pd(x.v, a.v, b.v)}; }
-  static Vec relu(Vec x) { return {_mm256_max_pd(x.v, _mm256_setzero_pd())}; }
-  static Vec where_positive(Vec pre, Vec value) {
-    return {_mm256_and_pd(_mm256_cmp_pd(pre.v, _mm256_setzero_pd(), _CMP_GT_OQ), value.v)};
+  static Vec load(const float* p) { return {_mm256_cvtps_pd(_mm_loadu_ps(p))}; }
+  static Vec load(const f16* p) {
+    return {_mm256_cvtps_pd(_mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))))};
   }
+  static Vec load(const bf16* p) {
+    const __m128i w = _mm_cvtepu16_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    return {_mm256_cvtps_pd(_mm_castsi128_ps(_mm_slli_epi32(w, 16)))};
+  }
+  void store(double* p) const { _mm256_storeu_pd(p, v); }
   void lanes(double* out) const { _mm256_storeu_pd(out, v); }
 };
 
@@ -66,13 +71,35 @@ template <> struct Vec<double> {
 inline Vec<float> operator+(Vec<float> a, Vec<float> b) { return {_mm256_add_ps(a.v, b.v)}; }
 inline Vec<float> operator-(Vec<float> a, Vec<float> b) { return {_mm256_sub_ps(a.v, b.v)}; }
 inline Vec<float> operator*(Vec<float> a, Vec<float> b) { return {_mm256_mul_ps(a.v, b.v)}; }
+inline Vec<float> operator/(Vec<float> a, Vec<float> b) { return {_mm256_div_ps(a.v, b.v)}; }
 inline Vec<double> operator+(Vec<double> a, Vec<double> b) { return {_mm256_add_pd(a.v, b.v)}; }
 inline Vec<double> operator-(Vec<double> a, Vec<double> b) { return {_mm256_sub_pd(a.v, b.v)}; }
 inline Vec<double> operator*(Vec<double> a, Vec<double> b) { return {_mm256_mul_pd(a.v, b.v)}; }
+inline Vec<double> operator/(Vec<double> a, Vec<double> b) { return {_mm256_div_pd(a.v, b.v)}; }
 
-// Scalar x * a + b with the same rounding as Vec::madd (fused), for loop tails.
-inline float smadd(float x, float a, float b) { return __builtin_fmaf(x, a, b); }
-inline double smadd(double x, double a, double b) { return __builtin_fma(x, a, b); }
+inline Vec<float> madd(Vec<float> x, Vec<float> a, Vec<float> b) { return {_mm256_fmadd_ps(x.v, a.v, b.v)}; }
+inline Vec<double> madd(Vec<double> x, Vec<double> a, Vec<double> b) { return {_mm256_fmadd_pd(x.v, a.v, b.v)}; }
+// max(0, x) returns x where x is NaN (the second operand), as relu_value does.
+inline Vec<float> relu_value(Vec<float> x) { return {_mm256_max_ps(_mm256_setzero_ps(), x.v)}; }
+inline Vec<double> relu_value(Vec<double> x) { return {_mm256_max_pd(_mm256_setzero_pd(), x.v)}; }
+inline Vec<float> where_positive(Vec<float> pre, Vec<float> value) {
+  return {_mm256_and_ps(_mm256_cmp_ps(pre.v, _mm256_setzero_ps(), _CMP_GT_OQ), value.v)};
+}
+inline Vec<double> where_positive(Vec<double> pre, Vec<double> value) {
+  return {_mm256_and_pd(_mm256_cmp_pd(pre.v, _mm256_setzero_pd(), _CMP_GT_OQ), value.v)};
+}
+// Lanes 0-3 / 4-7 of a float vector, widened to double.
+inline Vec<double> widen_lo(Vec<float> v) { return {_mm256_cvtps_pd(_mm256_castps256_ps128(v.v))}; }
+inline Vec<double> widen_hi(Vec<float> v) { return {_mm256_cvtps_pd(_mm256_extractf128_ps(v.v, 1))}; }
+// a where d is finite (d - d == 0), else b.
+inline Vec<float> where_finite(Vec<float> d, Vec<float> a, Vec<float> b) {
+  const __m256 fin = _mm256_cmp_ps(_mm256_sub_ps(d.v, d.v), _mm256_setzero_ps(), _CMP_EQ_OQ);
+  return {_mm256_blendv_ps(b.v, a.v, fin)};
+}
+inline Vec<double> where_finite(Vec<double> d, Vec<double> a, Vec<double> b) {
+  const __m256d fin = _mm256_cmp_pd(_mm256_sub_pd(d.v, d.v), _mm256_setzero_pd(), _CMP_EQ_OQ);
+  return {_mm256_blendv_pd(b.v, a.v, fin)};
+}
 
 #else  // baseline ISA: lane loops
 
@@ -105,27 +132,87 @@ template <class Acc> struct Vec {
     for (int i = 0; i < W; ++i) a.v[i] *= b.v[i];
     return a;
   }
-  static Vec madd(Vec x, Vec a, Vec b) {
-    for (int i = 0; i < W; ++i) x.v[i] = x.v[i] * a.v[i] + b.v[i];
+  friend Vec operator/(Vec a, Vec b) {
+    for (int i = 0; i < W; ++i) a.v[i] /= b.v[i];
+    return a;
+  }
+  friend Vec madd(Vec x, Vec a, Vec b) {
+    for (int i = 0; i < W; ++i) x.v[i] = ::fastbn::madd(x.v[i], a.v[i], b.v[i]);
     return x;
   }
-  static Vec relu(Vec x) {
-    for (int i = 0; i < W; ++i) x.v[i] = x.v[i] > Acc(0) ? x.v[i] : Acc(0);
+  friend Vec relu_value(Vec x) {
+    for (int i = 0; i < W; ++i) x.v[i] = ::fastbn::relu_value(x.v[i]);
     return x;
   }
-  static Vec where_positive(Vec pre, Vec value) {
-    for (int i = 0; i < W; ++i) value.v[i] = pre.v[i] > Acc(0) ? value.v[i] : Acc(0);
+  friend Vec where_positive(Vec pre, Vec value) {
+    for (int i = 0; i < W; ++i) value.v[i] = ::fastbn::where_positive(pre.v[i], value.v[i]);
     return value;
+  }
+  friend Vec where_finite(Vec d, Vec a, Vec b) {
+    for (int i = 0; i < W; ++i) a.v[i] = ::fastbn::where_finite(d.v[i], a.v[i], b.v[i]);
+    return a;
   }
   void lanes(Acc* out) const {
     for (int i = 0; i < W; ++i) out[i] = v[i];
   }
 };
 
-inline float smadd(float x, float a, float b) { return x * a + b; }
-inline double smadd(double x, double a, double b) { return x * a + b; }
+inline Vec<double> widen_lo(const Vec<float>& v) {
+  Vec<double> r;
+  for (int i = 0; i < 4; ++i) r.v[i] = v.v[i];
+  return r;
+}
+inline Vec<double> widen_hi(const Vec<float>& v) {
+  Vec<double> r;
+  for (int i = 0; i < 4; ++i) r.v[i] = v.v[4 + i];
+  return r;
+}
 
 #endif
+
+// Part h (0, or 1 for a float vector's lanes 4-7) of a vector of the accumulation type, in double.
+inline Vec<double> part_wide(const Vec<double>& v, int) { return v; }
+inline Vec<double> part_wide(const Vec<float>& v, int h) { return h ? widen_hi(v) : widen_lo(v); }
+
+// Sums in double of vectors of the accumulation type, into a pair (lo, hi): a float vector's
+// two halves are widened into lo and hi (their products exact: float * float fits a double);
+// a double vector is added to lo with its rounding error compensated into hi (TwoSum, and
+// the product's own error from an FMA where madd fuses), so double input keeps about twice
+// double precision.
+// The sum of the pair's lanes is the total.
+inline void two_sum_into(Vec<double>& lo, Vec<double>& hi, const Vec<double>& v) {
+  const Vec<double> s = lo + v;
+  const Vec<double> bb = s - lo;
+  hi = hi + ((lo - (s - bb)) + (v - bb));
+  lo = s;
+}
+inline void add_wide(Vec<double>& lo, Vec<double>& hi, const Vec<double>& v) { two_sum_into(lo, hi, v); }
+inline void add_wide(Vec<double>& lo, Vec<double>& hi, const Vec<float>& v) {
+  lo = lo + widen_lo(v);
+  hi = hi + widen_hi(v);
+}
+// lo/hi += g * d.
+inline void madd_wide(Vec<double>& lo, Vec<double>& hi, const Vec<double>& g, const Vec<double>& d) {
+  const Vec<double> p = g * d;
+  const Vec<double> zero = Vec<double>::zero();
+  hi = hi + madd(g, d, zero - p);  // the product's rounding error (exact where madd fuses)
+  two_sum_into(lo, hi, p);
+}
+inline void madd_wide(Vec<double>& lo, Vec<double>& hi, const Vec<float>& g, const Vec<float>& d) {
+  lo = madd(widen_lo(g), widen_lo(d), lo);
+  hi = madd(widen_hi(g), widen_hi(d), hi);
+}
+
+// The total of an add_wide / madd_wide pair, lane-wise: lo + hi; for a compensated (double)
+// pair, lo alone where it is not finite (the plain sum's inf or NaN, which the compensation
+// would turn into NaN).
+template <class Acc> inline Vec<double> pair_total(const Vec<double>& lo, const Vec<double>& hi) {
+  if constexpr (sizeof(Acc) == sizeof(double)) {
+    return where_finite(lo, lo + hi, lo);
+  } else {
+    return lo + hi;
+  }
+}
 
 template <class Acc> inline Acc hsum(const Vec<Acc>& a) {
   Acc l[Vec<Acc>::W];

@@ -21,15 +21,8 @@ __global__ void merge_stats_kernel(const int64_t* __restrict__ counts, const Acc
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
   WelfordState<double> s{0, 0.0, 0.0};
-  for (int64_t w = 0; w < W; ++w) {
-    const double n = static_cast<double>(counts[w]);
-    s = chan_merge(s, WelfordState<double>{counts[w], static_cast<double>(means[w * C + c]),
-                                           static_cast<double>(vars[w * C + c]) * n});
-  }
-  const Acc v = static_cast<Acc>(biased_var(s));
-  mean[c] = static_cast<Acc>(s.mean);
-  var[c] = v;
-  invstd[c] = invstd_from_var(v, eps);
+  for (int64_t w = 0; w < W; ++w) s = chan_merge(s, rank_state<double>(counts[w], means[w * C + c], vars[w * C + c]));
+  finalize_stats(s, eps, mean, var, invstd, c);
 }
 
 }  // namespace

@@ -187,6 +187,13 @@ inline int64_t cl_splits(const Geometry& g, int sm_count, int vc) {
   return std::max<int64_t>(1, std::min<int64_t>(splits, kMaxGridY));
 }
 
+// The splits every reduction launcher uses (the statistics and the backward sums): channels-
+// last with vc channels a thread (1, or the 16-byte vector width), or planar. The workspace
+// bound (stats.cu reduce_workspace_bytes) is the largest of these over both vc choices.
+inline int64_t reduction_splits(const Geometry& g, int sm_count, int vc) {
+  return g.channels_last ? cl_splits(g, sm_count, vc) : planar_splits(g, sm_count);
+}
+
 // Vectors a thread of a planar reduction loads per unit (a plane or plane piece), at least
 // where the plane allows: independent loads in flight before the first is used.
 constexpr int kReduceVecsPerThread = 4;

@@ -1,21 +1,13 @@
 // Backward: per-channel sums (split reduction, fixed-order merge, no atomics) and the
 // elementwise grad_input / grad_residual pass (planar, flat across planes, or channels-last,
-// as in normalize.cu). dy_eff = dy, masked by the relu of the
-// recomputed pre-activation (bn_math.h pre_activation) when the forward had relu.
+// as in normalize.cu). dy_eff = bn_math.h effective_dy: dy, masked by the relu of the
+// recomputed pre-activation when the forward had relu.
 #include "common.cuh"
 
 namespace fastbn {
 namespace cuda {
 
 namespace {
-
-// res is the residual value (0 when there is none).
-template <class Acc>
-__device__ __forceinline__ Acc masked(Acc dy, Acc x, const FwdCoef<Acc>& k, Acc res, bool relu) {
-  if (!relu) return dy;
-  const Acc pre = pre_activation(x, k) + res;
-  return pre > Acc(0) ? dy : Acc(0);
-}
 
 template <int V, class T, class Acc> __device__ __forceinline__ void load_residual(const T* r, int64_t off, Acc (&res)[V]) {
   if (r) {
@@ -37,7 +29,7 @@ __device__ __forceinline__ void sums_vec(const T* __restrict__ dy, const T* __re
   load_residual<V>(r, off, res);
 #pragma unroll
   for (int i = 0; i < V; ++i) {
-    const Acc d = masked(g[i], v[i], k[i], res[i], relu);
+    const Acc d = effective_dy(g[i], v[i], k[i], res[i], r != nullptr, relu);
     s1[i] += d;
     s2[i] = madd(d, v[i] - k[i].mean, s2[i]);
   }
@@ -168,9 +160,7 @@ __global__ void grad_finalize_kernel(const Acc* __restrict__ ws_a, const Acc* __
     a += __shfl_down_sync(0xffffffffu, a, off);
     b += __shfl_down_sync(0xffffffffu, b, off);
   }
-  if (threadIdx.x != 0) return;
-  sum_dy[c] = static_cast<Acc>(a);
-  sum_dy_xhat[c] = static_cast<Acc>(b * static_cast<double>(channel_invstd(st, c)));
+  if (threadIdx.x == 0) finalize_grad_sums(a, b, st, c, sum_dy, sum_dy_xhat);
 }
 
 // dx = A * dy_eff + Bm * (x - mean) + D ; dr = dy_eff.
@@ -183,7 +173,7 @@ __device__ __forceinline__ void grad_vec(const T* __restrict__ dy, const T* __re
   load_acc<V>(x + off, v);
   load_residual<V>(r, off, res);
 #pragma unroll
-  for (int i = 0; i < V; ++i) g[i] = masked(g[i], v[i], k[i], res[i], relu);
+  for (int i = 0; i < V; ++i) g[i] = effective_dy(g[i], v[i], k[i], res[i], r != nullptr, relu);
   if (dr) store_acc<V>(dr + off, g);
   if (dx) {
 #pragma unroll
@@ -288,7 +278,7 @@ cudaError_t launch_grad_reduce(const Geometry& g, const T* dy, const T* x, Chann
   int64_t splits;
   if (g.channels_last) {
     const bool vec = g.C % V == 0 && aligned;
-    splits = cl_splits(g, env.sm_count, vec ? V : 1);
+    splits = reduction_splits(g, env.sm_count, vec ? V : 1);
     ReduceWorkspace<Acc> ws(workspace, splits, g.C);
     const ClBlock blk(g.C, vec ? V : 1);
     const dim3 grid(static_cast<unsigned>(blk.grid_x), static_cast<unsigned>(splits)), block(blk.bx, blk.by);
@@ -300,7 +290,7 @@ cudaError_t launch_grad_reduce(const Geometry& g, const T* dy, const T* x, Chann
       FASTBN_LAUNCH(grid, block, smem, env.stream, grad_reduce_cl_kernel<T, 1>)(dy, x, r, relu, g.rows(), g.C, st, af,
                                                                                 ws.a, ws.b);
   } else {
-    splits = planar_splits(g, env.sm_count);
+    splits = reduction_splits(g, env.sm_count, 1);
     ReduceWorkspace<Acc> ws(workspace, splits, g.C);
     with_vec<T>(planar_reduce_vec<T>(g.S, {dy, x, r}), [&](auto v) {
       constexpr int VP = decltype(v)::value;

@@ -11,17 +11,12 @@ namespace cuda {
 
 namespace {
 
-// v = act(pre_activation(v) [+ res]) in place; res is read only when has_res.
+// v = forward_value(v) in place; res is read only when has_res.
 template <int V, class Acc>
 __device__ __forceinline__ void affine_values(Acc (&v)[V], const Acc (&res)[V], bool has_res, bool relu,
                                               const FwdCoef<Acc> (&k)[V]) {
 #pragma unroll
-  for (int i = 0; i < V; ++i) {
-    Acc t = pre_activation(v[i], k[i]);
-    if (has_res) t += res[i];
-    if (relu) t = t > Acc(0) ? t : Acc(0);
-    v[i] = t;
-  }
+  for (int i = 0; i < V; ++i) v[i] = forward_value(v[i], k[i], has_res ? res[i] : Acc(0), has_res, relu);
 }
 
 template <int V, class T, class Acc>

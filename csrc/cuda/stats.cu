@@ -2,6 +2,8 @@
 // in a fixed order (deterministic, no atomics), for the planar and channels-last layouts.
 //   1. partial kernel: block (channel [tile], split) -> Welford state into the workspace
 //   2. finalize kernel: a warp per channel merges its splits' states (Chan, in double, fixed order)
+// The states are of the values minus a per-channel shift (bn_math.h stats_shift): its first
+// value, so that a large common offset costs no digits.
 #include "common.cuh"
 
 namespace fastbn {
@@ -9,20 +11,15 @@ namespace cuda {
 
 namespace {
 
-// Exact statistics of V values, merged into s.
+// Exact statistics of V values (block_stats), merged into s.
 template <int V, class Acc> __device__ __forceinline__ void welford_add_vec(WelfordState<Acc>& s, const Acc (&v)[V]) {
   if (V == 1) {
     welford_add(s, v[0]);
     return;
   }
-  Acc sum = 0;
-#pragma unroll
-  for (int i = 0; i < V; ++i) sum += v[i];
-  const Acc mean = sum / static_cast<Acc>(V);
-  Acc m2 = 0;
-#pragma unroll
-  for (int i = 0; i < V; ++i) m2 += (v[i] - mean) * (v[i] - mean);
-  s = chan_merge(s, WelfordState<Acc>{V, mean, m2});
+  WelfordState<Acc> b{V, Acc(0), Acc(0)};
+  block_stats(v, V, b.mean, b.m2);
+  s = chan_merge(s, b);
 }
 
 // Planar: block b handles channel c = b / splits. Its thread rows ty take units
@@ -37,6 +34,7 @@ __global__ void __launch_bounds__(kThreads)
   FASTBN_SHARED_ARRAY(shared, kThreads / 32, WelfordState<Acc>);
   const int64_t c = blockIdx.x / splits;
   const int64_t split = blockIdx.x % splits;
+  const Acc shift = stats_shift(to_acc(x[c * S]));
   WelfordState<Acc> st{0, Acc(0), Acc(0)};
   const int64_t units = N * pieces;
   const int64_t step = splits * blockDim.y;
@@ -49,6 +47,8 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t s = s0 + static_cast<int64_t>(threadIdx.x) * V; s < s1; s += static_cast<int64_t>(blockDim.x) * V) {
       Acc v[V];
       load_acc<V>(p + s, v);
+#pragma unroll
+      for (int i = 0; i < V; ++i) v[i] -= shift;
       welford_add_vec<V>(st, v);
     }
   }
@@ -82,17 +82,23 @@ __global__ void __launch_bounds__(kThreads)
   for (int i = 0; i < VC; ++i) mean[i] = m2[i] = Acc(0);
   int64_t n = 0;
   if (c0 < C) {
+    Acc shift[VC];
+#pragma unroll
+    for (int i = 0; i < VC; ++i) shift[i] = stats_shift(to_acc(x[c0 + i]));
     for (int64_t m = static_cast<int64_t>(blockIdx.y) * by + ty; m < M; m += static_cast<int64_t>(gridDim.y) * by) {
       Acc v[VC];
       load_acc<VC>(x + m * C + c0, v);
-      n += 1;
-      const Acc inv = Acc(1) / static_cast<Acc>(n);
 #pragma unroll
-      for (int i = 0; i < VC; ++i) {
-        const Acc d = v[i] - mean[i];
-        mean[i] += d * inv;
-        m2[i] += d * (v[i] - mean[i]);
+      for (int i = 0; i < VC; ++i) v[i] -= shift[i];
+      if (n == 0) {  // the first row: the state is the row itself
+#pragma unroll
+        for (int i = 0; i < VC; ++i) mean[i] = v[i];
+      } else {  // Welford: a merge with {1, v, 0}, weights shared by the VC channels
+        const ChanWeights<Acc> w = chan_weights<Acc>(n, 1);
+#pragma unroll
+        for (int i = 0; i < VC; ++i) chan_absorb(mean[i], m2[i], v[i], Acc(0), w);
       }
+      n += 1;
     }
   }
 #pragma unroll
@@ -132,11 +138,15 @@ __global__ void __launch_bounds__(kThreads)
 
 // A warp per channel (threadIdx.y): lane l merges partials l, l + 32, ... in order (in
 // double; kFinalizeBatch of them loaded at a time), then the lanes merge in a fixed shuffle
-// tree; the order depends on `splits` alone.
-template <class Acc>
-__global__ void stats_finalize_kernel(const int64_t* __restrict__ ws_n, const Acc* __restrict__ ws_mean,
-                                      const Acc* __restrict__ ws_m2, int64_t splits, int64_t C, Acc eps,
-                                      Acc* __restrict__ mean, Acc* __restrict__ var, Acc* __restrict__ invstd) {
+// tree; the order depends on `splits` alone. The partials are of the values minus the
+// channel's shift (stats_shift of its first value, x[c * shift_stride]), added back here.
+template <class T>
+__global__ void stats_finalize_kernel(const int64_t* __restrict__ ws_n, const acc_t<T>* __restrict__ ws_mean,
+                                      const acc_t<T>* __restrict__ ws_m2, int64_t splits, int64_t C,
+                                      const T* __restrict__ x, int64_t shift_stride, acc_t<T> eps,
+                                      acc_t<T>* __restrict__ mean, acc_t<T>* __restrict__ var,
+                                      acc_t<T>* __restrict__ invstd) {
+  using Acc = acc_t<T>;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   if (c >= C) return;  // the whole warp
   WelfordState<double> s{0, 0.0, 0.0};
@@ -161,10 +171,8 @@ __global__ void stats_finalize_kernel(const int64_t* __restrict__ ws_n, const Ac
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) s = chan_merge(s, shfl_down(s, off));
   if (threadIdx.x != 0) return;
-  const Acc v = static_cast<Acc>(biased_var(s));
-  mean[c] = static_cast<Acc>(s.mean);
-  var[c] = v;
-  if (invstd) invstd[c] = invstd_from_var(v, eps);
+  add_shift(s, static_cast<double>(stats_shift(to_acc(x[c * shift_stride]))));
+  finalize_stats(s, eps, mean, var, invstd, c);
 }
 
 template <class T, int V>
@@ -187,10 +195,8 @@ void launch_cl(const Geometry& g, const T* x, ReduceWorkspace<acc_t<T>>& ws, int
 }  // namespace
 
 size_t reduce_workspace_bytes(const Geometry& g, int elem_size, bool is_double, int sm_count) {
-  const int v = 16 / elem_size;
-  int64_t splits = planar_splits(g, sm_count);
-  splits = std::max(splits, cl_splits(g, sm_count, 1));
-  splits = std::max(splits, cl_splits(g, sm_count, v));
+  const int v = 16 / elem_size;  // vec_width<T>()
+  const int64_t splits = std::max(reduction_splits(g, sm_count, 1), reduction_splits(g, sm_count, v));
   return is_double ? ReduceWorkspace<double>::bytes(splits, g.C) : ReduceWorkspace<float>::bytes(splits, g.C);
 }
 
@@ -202,19 +208,19 @@ cudaError_t launch_stats(const Geometry& g, const T* x, acc_t<T>* mean, acc_t<T>
   int64_t splits;
   if (g.channels_last) {
     const bool vec = g.C % V == 0 && aligned16(x);
-    splits = cl_splits(g, env.sm_count, vec ? V : 1);
+    splits = reduction_splits(g, env.sm_count, vec ? V : 1);
     ReduceWorkspace<Acc> ws(workspace, splits, g.C);
     if (vec) launch_cl<T, V>(g, x, ws, splits, env.stream);
     else launch_cl<T, 1>(g, x, ws, splits, env.stream);
   } else {
-    splits = planar_splits(g, env.sm_count);
+    splits = reduction_splits(g, env.sm_count, 1);
     ReduceWorkspace<Acc> ws(workspace, splits, g.C);
     with_vec<T>(planar_reduce_vec<T>(g.S, {x}), [&](auto v) { launch_planar<T, decltype(v)::value>(g, x, ws, splits, env.stream); });
   }
   ReduceWorkspace<Acc> ws(workspace, splits, g.C);
   FASTBN_LAUNCH(static_cast<unsigned>(ceil_div(g.C, kFinalizeChannels)), dim3(32, kFinalizeChannels), 0, env.stream,
-                stats_finalize_kernel<Acc>)(
-      ws.n, ws.a, ws.b, splits, g.C, static_cast<Acc>(eps), mean, var, invstd);
+                stats_finalize_kernel<T>)(
+      ws.n, ws.a, ws.b, splits, g.C, x, g.channels_last ? int64_t(1) : g.S, static_cast<Acc>(eps), mean, var, invstd);
   return cudaGetLastError();
 }
 

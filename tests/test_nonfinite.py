@@ -1,0 +1,52 @@
+"""Infinities and NaNs propagate exactly as in torch.nn.BatchNorm: one +inf, -inf or NaN at the
+first, a middle or the last position of a channel, in both layouts and every dtype, gives the
+same NaN pattern and the same inf pattern (compared separately) in the output, the input,
+weight and bias gradients and the running statistics, in training and in evaluation."""
+import pytest
+import torch
+
+from fastbn.testing import FASTBN, TORCH_BN, acc_dtype, kind_of
+from helpers import DEVICES, NONFINITE, assert_same_nonfinite, poisoned_outputs, with_value_at
+
+# Planar shapes with vector-width planes and with odd ones, channels-last rows, BatchNorm1d.
+SHAPES = [(4, 3, 8, 8), (5, 3, 3, 3), (2, 4, 2, 3, 5), (17, 7), (6, 5, 9)]
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def _run(module, x, dy):
+    x = x.detach().clone().requires_grad_(True)
+    y = module(x)
+    y.backward(dy)
+    return {"output": y, "input grad": x.grad, "weight grad": module.weight.grad, "bias grad": module.bias.grad,
+            "running_mean": module.running_mean, "running_var": module.running_var}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_nonfinite_patterns_match_torch(shape, layout, dtype, device):
+    if layout == "channels_last" and len(shape) < 4:
+        pytest.skip("channels_last needs 4-D or 5-D input")
+    kind = kind_of(len(shape))
+    pdt = acc_dtype(dtype)
+    for value_name, value in NONFINITE.items():
+        for where in ("first", "middle", "last"):
+            x = with_value_at(shape, dtype, layout, device, where, value)
+            dy = torch.randn(shape, dtype=torch.float64).to(dtype).to(device)
+            for training in (True, False):
+                ref = TORCH_BN[kind](shape[1], device=device, dtype=pdt)
+                with torch.no_grad():
+                    ref.weight.uniform_(0.5, 1.5)
+                    ref.bias.normal_()
+                    ref.running_var.uniform_(0.5, 2.0)
+                ours = FASTBN[kind](shape[1], device=device, dtype=pdt)
+                ours.load_state_dict(ref.state_dict())
+                ref.train(training)
+                ours.train(training)
+                want = _run(ref, x, dy)
+                with poisoned_outputs():
+                    got = _run(ours, x, dy)
+                label = f"{value_name} at the {where} position, {'train' if training else 'eval'}"
+                assert torch.isnan(want["output"]).any() or torch.isinf(want["output"]).any(), label
+                assert_same_nonfinite(got, want, label)
