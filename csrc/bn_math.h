@@ -223,19 +223,22 @@ FASTBN_HD WelfordState<Acc> chan_merge(const WelfordState<Acc>& a, const Welford
   return r;
 }
 
-// Welford update of a state with one value (a merge with the state {1, v, 0}).
-template <class Acc> FASTBN_HD void welford_add(WelfordState<Acc>& s, Acc v) {
-  s = chan_merge(s, WelfordState<Acc>{1, v, Acc(0)});
+// The state of one value: {1, v, 0}, with M2 NaN for an infinite v (the plain formula's (v - v)^2).
+template <class Acc> FASTBN_HD WelfordState<Acc> single_state(Acc v) {
+  return WelfordState<Acc>{1, v, (v - v) * (v - v)};
 }
 
-// Exact statistics of K >= 1 values: their mean, then their centred squares m2 and the
-// residual sum (v - mean), which is the mean's rounding error times K (a caller merging in a
-// wider type adds residual / K to the mean).
+// Welford update of a state with one value (a merge with single_state(v)).
+template <class Acc> FASTBN_HD void welford_add(WelfordState<Acc>& s, Acc v) { s = chan_merge(s, single_state(v)); }
+
+// Two-pass statistics of K >= 1 values: their mean (one rounding of the sum / K), then the
+// centred squares m2 and the residual sum (v - mean), which is minus K times the mean's
+// rounding error (a caller merging in a wider type corrects with it: mean + residual / K,
+// m2 - residual^2 / K).
 template <class V> FASTBN_HD void block_stats(const V* v, int K, V& mean, V& m2, V& residual) {
   V sum = v[0];
   for (int i = 1; i < K; ++i) sum = sum + v[i];
-  // sum / K, exact for K equal values; a power of two K by its (exact) reciprocal, which
-  // is quicker than a division.
+  // sum / K (for a power of two K by its exact reciprocal, quicker than a division).
   mean = (K & (K - 1)) == 0 ? sum * splat<V>(1.0 / K) : sum / splat<V>(K);
   m2 = splat<V>(0.0);
   residual = splat<V>(0.0);
@@ -254,7 +257,7 @@ template <class V> FASTBN_HD void block_stats(const V* v, int K, V& mean, V& m2)
 // when that is not finite). A large common offset then costs no digits: Chan's merge of
 // means rounded at the offset's scale would add an error of the first order to M2, which the
 // shifted values avoid. The mean is shift + the mean of the shifted values (add_shift).
-template <class F> FASTBN_HD F stats_shift(F first) { return is_finite(first) ? first : F(0); }
+template <class V> FASTBN_HD V stats_shift(V first) { return where_finite(first, first, splat<V>(0.0)); }
 template <class F> FASTBN_HD void add_shift(WelfordState<F>& s, F shift) { s.mean = s.mean + shift; }
 
 // Biased variance of a merged state; 0 for an empty state.
@@ -333,6 +336,12 @@ template <class V> FASTBN_HD V effective_dy(V dy, V x, const FwdCoef<V>& k, V r,
 }
 
 // ---------------------------------------------------------------- backward
+// One value's terms of the backward sums: s1 += dy_eff, s2 += dy_eff * (x - mean).
+template <class V> FASTBN_HD void grad_sums_add(V& s1, V& s2, V dy_eff, V x, V mean) {
+  s1 = s1 + dy_eff;
+  s2 = madd(dy_eff, x - mean, s2);
+}
+
 // dx = A * dy + Bm * (x - mean) + D when `centred` (training: the statistics depend on x),
 // else dx = A * dy (evaluation: x does not enter, so an infinite x leaves dx finite).
 template <class V> struct BwdCoef {

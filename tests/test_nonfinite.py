@@ -9,7 +9,9 @@ from fastbn.testing import FASTBN, TORCH_BN, acc_dtype, kind_of
 from helpers import DEVICES, NONFINITE, assert_same_nonfinite, poisoned_outputs, with_value_at
 
 # Planar shapes with vector-width planes and with odd ones, channels-last rows, BatchNorm1d.
-SHAPES = [(4, 3, 8, 8), (5, 3, 3, 3), (2, 4, 2, 3, 5), (17, 7), (6, 5, 9)]
+# (2, 3, 64, 64): planar runs of several 16-chunk blocks; (17, 3, 32, 32) channels_last: row
+# blocks of more than 16 chunks of periods (both reach the CPU's block-into-state merge).
+SHAPES = [(4, 3, 8, 8), (5, 3, 3, 3), (2, 4, 2, 3, 5), (17, 7), (6, 5, 9), (2, 3, 64, 64), (17, 3, 32, 32)]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
@@ -50,3 +52,26 @@ def test_nonfinite_patterns_match_torch(shape, layout, dtype, device):
                 label = f"{value_name} at the {where} position, {'train' if training else 'eval'}"
                 assert torch.isnan(want["output"]).any() or torch.isinf(want["output"]).any(), label
                 assert_same_nonfinite(got, want, label)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_values_near_the_float_range(layout, device):
+    """float32 values near 1e38, whose sums overflow float: the running statistics are the
+    float64 computation's rounded to float32 (finite means; a variance past the float range
+    is inf, not NaN). PyTorch's CPU kernels, summing planes in float, give inf means there."""
+    gen = torch.Generator().manual_seed(3)
+    for scale, offset in ((1e37, 5e37), (3e37, 0.0), (1e18, 0.0)):
+        x = (torch.randn(4, 3, 8, 8, generator=gen, dtype=torch.float64) * scale + offset).float()
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = x.to(device)
+        exact, ours = TORCH_BN[2](3, device=device, dtype=torch.float64), FASTBN[2](3, device=device)
+        exact(x.double()), ours(x)
+        want = {"running_mean": exact.running_mean.float(), "running_var": exact.running_var.float()}
+        got = {"running_mean": ours.running_mean, "running_var": ours.running_var}
+        label = f"scale {scale:g}, offset {offset:g}"
+        assert_same_nonfinite(got, want, label)
+        for key in got:
+            fin = torch.isfinite(want[key])
+            torch.testing.assert_close(got[key][fin], want[key][fin], rtol=1e-5, atol=0, msg=label)

@@ -28,7 +28,7 @@ namespace {
 constexpr int64_t kRunMax = 2048;        // values per planar run (normalised while still in L1/L2)
 constexpr int64_t kBlockValues = 65536;  // values per channels-last row block, about
 constexpr int64_t kMinBlocks = 16;       // channels-last blocks, at least (when there are rows enough)
-constexpr int64_t kMaxLaneTerms = 1024;  // values one vector lane accumulates per block, at most
+constexpr int64_t kMaxLaneTerms = 1024;  // periods (values a vector lane sees) per row block, at most
 constexpr int64_t kTaskValues = 32768;   // values per parallel task, at least
 
 bool channel_per_thread(int64_t C) {
@@ -74,9 +74,9 @@ struct RowBlocks {
   RowBlocks(const Geometry& g, int lanes) : M(g.rows()), C(g.C) {
     L = std::lcm<int64_t>(C, lanes);
     const int64_t P = L / C;
-    // Rows per block: about kBlockValues values, at most kMaxLaneTerms periods (the per-lane
-    // sums of the backward stay short), few enough rows for kMinBlocks blocks, and at least
-    // one chunk of 8 periods. Depends on the shape only (results do not depend on threads).
+    // Rows per block: about kBlockValues values, at most kMaxLaneTerms periods (narrow rows
+    // still make several blocks to share among threads), few enough rows for kMinBlocks
+    // blocks, and at least one chunk of 8 periods. Depends on the shape only (results do not depend on threads).
     int64_t target = std::min<int64_t>(std::max<int64_t>(1, kBlockValues / C), kMaxLaneTerms * P);
     target = std::min<int64_t>(target, (M + kMinBlocks - 1) / kMinBlocks);
     target = std::max<int64_t>(target, 8 * P);
@@ -96,6 +96,23 @@ struct RowBlocks {
 
 // Partial results of units/blocks are folded across units in double (few values per channel).
 using Fold = double;
+
+// Channel c's statistics (of its values minus `shift`) value by value in double: the
+// driver's answer where the vector kernels' result is not finite. The kernels accumulate
+// short runs in float, which overflows for |x| near the float range where double does not;
+// and an inf or NaN input gets the plain formulas' result here by construction.
+template <class T> WelfordState<Fold> exact_channel(const T* x, const Geometry& g, int64_t c, Fold shift) {
+  WelfordState<Fold> st{0, 0.0, 0.0};
+  for (int64_t n = 0; n < g.N; ++n)
+    for (int64_t s = 0; s < g.S; ++s) {
+      const int64_t i = g.channels_last ? (n * g.S + s) * g.C + c : (n * g.C + c) * g.S + s;
+      welford_add(st, static_cast<Fold>(to_acc(x[i])) - shift);
+    }
+  return st;
+}
+template <class T> void check_finite(WelfordState<Fold>& st, const T* x, const Geometry& g, int64_t c, Fold shift) {
+  if (!is_finite(st.mean) || !is_finite(st.m2)) st = exact_channel(x, g, c, shift);
+}
 
 // Per-channel views of an Operands' statistics and affine parameters.
 template <class Acc> struct ChannelView {
@@ -117,8 +134,9 @@ template <class Acc> struct ChannelView {
 template <class T> struct PlanarDriver {
   using Acc = acc_t<T>;
   const Kernels<T>& K = kernels<T>();
+  Geometry G;
   PlanarUnits U;
-  explicit PlanarDriver(const Geometry& g) : U(g) {}
+  explicit PlanarDriver(const Geometry& g) : G(g), U(g) {}
 
   // Channel c's shift (stats_shift of its first value, at plane (0, c)).
   Fold shift(const T* x, int64_t c) const { return stats_shift(static_cast<Fold>(to_acc(x[c * U.S]))); }
@@ -156,6 +174,7 @@ template <class T> struct PlanarDriver {
     for (int64_t c = 0; c < C; ++c) {
       WelfordState<Fold> st{0, 0.0, 0.0};
       for (int64_t u = 0; u < n; ++u) st = chan_merge(st, parts[c * n + u]);
+      check_finite(st, x, G, c, shift(x, c));
       add_shift(st, shift(x, c));
       out[c] = st;
     }
@@ -214,6 +233,7 @@ template <class T> struct PlanarDriver {
           WelfordState<Fold> s{0, 0.0, 0.0};
           const Fold sh = shift(x, c);
           for (int64_t u = 0; u < n; ++u) s = chan_merge(s, unit_stats(x, c, u, sh));
+          check_finite(s, x, G, c, sh);
           add_shift(s, sh);
           finalize_stats(s, static_cast<Acc>(o.eps), m, v, is, c);
           const FwdCoef<Acc> k = forward_coef(st, af, c);
@@ -311,8 +331,9 @@ template <class T> struct PlanarDriver {
 template <class T> struct RowsDriver {
   using Acc = acc_t<T>;
   const Kernels<T>& K = kernels<T>();
+  Geometry G;
   RowBlocks B;
-  explicit RowsDriver(const Geometry& g) : B(g, kernels<T>().lanes) {}
+  explicit RowsDriver(const Geometry& g) : G(g), B(g, kernels<T>().lanes) {}
 
   // Channels per task when folding the block partials: threads only for large folds.
   int64_t fold_grain() const { return std::max<int64_t>(256, 4 * kTaskValues / std::max<int64_t>(B.count, 1)); }
@@ -350,6 +371,7 @@ template <class T> struct RowsDriver {
     std::vector<WelfordState<Fold>> out(C);
     for (int64_t c = 0; c < C; ++c) {
       out[c] = WelfordState<Fold>{B.M, pm[c], pm2[c]};
+      check_finite(out[c], x, G, c, shift[c]);
       add_shift(out[c], shift[c]);
     }
     return out;

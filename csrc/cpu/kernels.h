@@ -17,7 +17,7 @@ struct Run {
 template <class T> struct Kernels {
   using Acc = acc_t<T>;
   int lanes;  // values per vector; row patterns have length lcm(C, lanes)
-  // Statistics and backward sums accumulate in double (see kernels_impl.h); the elementwise
+  // Statistics and backward sums are merged in double (see kernels_impl.h); the elementwise
   // passes compute in Acc.
   // Statistics of the values minus a per-channel shift (bn_math.h stats_shift).
   WelfordState<double> (*run_stats)(const T* x, Run run, double shift);

@@ -9,11 +9,12 @@
 //  rows  : `rows` rows of `C` contiguous channel values (channels-last layout). The row
 //          kernels walk the block flat, in periods of L = lcm(C, W) values (P = L / C rows),
 //          so every vector lane keeps one channel whatever C is. Per-channel inputs arrive
-//          replicated to length L ("patterns", see make_pattern); `rows` % P rows at the end
+//          replicated to length L ("patterns", RowBlocks::pattern in bn_cpu.cpp); `rows` % P rows at the end
 //          are handled one value at a time.
 //
-// Statistics and backward sums accumulate in double (Stat) whatever the storage type, as
-// PyTorch's CPU kernels do; the elementwise passes compute in the accumulation type acc_t<T>.
+// Statistics and backward sums: short runs of values in the accumulation type acc_t<T>, merged
+// in double (Stat) whatever the storage type (PyTorch's CPU kernels accumulate in double);
+// the elementwise passes compute in acc_t<T>.
 #pragma once
 
 using std::int64_t;
@@ -45,7 +46,7 @@ template <class Acc> struct LaneWelford {
     if (bn == 0) {
       V r;
       block_stats(v, K, cmean, cm2, r);
-      s = where_finite(cmean, cmean, V::zero());  // a non-finite reference would turn inf into NaN
+      s = stats_shift(cmean);  // finite (a non-finite reference would turn inf into NaN)
       const V t = r / V::set1(static_cast<Acc>(K));  // the mean's rounding: relative to s, the mean is t
       bmean = where_finite(cmean, t, cmean);
       bm2 = madd(V::zero() - t, r, cm2);  // corrected two-pass: m2 - r^2 / K
@@ -227,10 +228,8 @@ void run_grad_sums(const T* dy, const T* x, Run run, FwdCoef<acc_t<T>> k, const 
         const V x0 = V::load(xs + i), x1 = V::load(xs + i + W);
         const V g0 = effective_dy(V::load(gs + i), x0, kv, load_or_zero<V>(rs, i), kHasR, kRelu);
         const V g1 = effective_dy(V::load(gs + i + W), x1, kv, load_or_zero<V>(rs, i + W), kHasR, kRelu);
-        a0 = a0 + g0;
-        a1 = a1 + g1;
-        b0 = madd(g0, x0 - kv.mean, b0);
-        b1 = madd(g1, x1 - kv.mean, b1);
+        grad_sums_add(a0, b0, g0, x0, kv.mean);
+        grad_sums_add(a1, b1, g1, x1, kv.mean);
       };
       int64_t i = 0;
       for (; i + 2 * W * kFresh <= len; i += 2 * W * kFresh) {
@@ -241,15 +240,13 @@ void run_grad_sums(const T* dy, const T* x, Run run, FwdCoef<acc_t<T>> k, const 
       for (; i + W <= len; i += W, ++fresh) {
         const V x0 = V::load(xs + i);
         const V g0 = effective_dy(V::load(gs + i), x0, kv, load_or_zero<V>(rs, i), kHasR, kRelu);
-        a0 = a0 + g0;
-        b0 = madd(g0, x0 - kv.mean, b0);
+        grad_sums_add(a0, b0, g0, x0, kv.mean);
       }
       if (fresh >= kFresh) flush();  // so a lane never holds more than 2 * kFresh terms
       for (; i < len; ++i) {
         const Acc xv = to_acc(xs[i]);
         const Acc g = effective_dy(to_acc(gs[i]), xv, k, value_or_zero<Acc>(rs, i), kHasR, kRelu);
-        sdy += g;
-        sdx = madd(static_cast<Stat>(g), static_cast<Stat>(xv - k.mean), sdx);
+        grad_sums_add<Stat>(sdy, sdx, g, xv, k.mean);
       }
     }
     flush();
@@ -485,8 +482,10 @@ void rows_grad_sums(const T* dy, const T* x, int64_t rows, int64_t C, int64_t L,
         const FwdCoef<V> kv = fwd_at<V>(mean, a, b, p, relu);
         const V xv = V::load(x + i);
         const V g = effective_dy(V::load(dy + i), xv, kv, load_or_zero<V>(r, i), has_r, relu);
-        (V::load(f1 + p) + g).store(f1 + p);
-        madd(g, xv - kv.mean, V::load(f2 + p)).store(f2 + p);
+        V s1 = V::load(f1 + p), s2 = V::load(f2 + p);
+        grad_sums_add(s1, s2, g, xv, kv.mean);
+        s1.store(f1 + p);
+        s2.store(f2 + p);
       }
       if ((k + 1) % kFresh == 0) flush(p0, p1);
     }
@@ -506,8 +505,7 @@ void rows_grad_sums(const T* dy, const T* x, int64_t rows, int64_t C, int64_t L,
       const FwdCoef<Acc> k = fwd_of(mean, a, b, c);
       const Acc xv = to_acc(x[i]);
       const Acc g = effective_dy(to_acc(dy[i]), xv, k, value_or_zero<Acc>(r, i), has_r, relu);
-      sum_dy[c] += g;
-      sum_dy_xmu[c] = madd(static_cast<Stat>(g), static_cast<Stat>(xv - k.mean), sum_dy_xmu[c]);
+      grad_sums_add<Stat>(sum_dy[c], sum_dy_xmu[c], g, xv, k.mean);
     }
 }
 

@@ -4,8 +4,7 @@
 // (isa_base.cpp, isa_avx2.cpp) inside their own namespace: with FASTBN_CPU_AVX2 defined it
 // maps to AVX2/FMA/F16C intrinsics, otherwise to plain lane loops the compiler vectorises
 // for the baseline ISA. load(p) reads W storage values (float, double, f16, bf16) and widens
-// them (Vec<double> also reads 4 float, f16 or bf16 values: the CPU statistics accumulate in
-// double); store(p, v) rounds to the storage type (round to nearest even). The free functions
+// them; store(p, v) rounds to the storage type (round to nearest even). The free functions
 // madd (fused in the AVX2 unit), where_finite, relu_value and where_positive are bn_math.h's scalar ones lane by
 // lane, so bn_math.h's formulas take a Vec as their value type.
 #pragma once
@@ -55,14 +54,6 @@ template <> struct Vec<double> {
   static Vec set1(double a) { return {_mm256_set1_pd(a)}; }
   static Vec zero() { return {_mm256_setzero_pd()}; }
   static Vec load(const double* p) { return {_mm256_loadu_pd(p)}; }
-  static Vec load(const float* p) { return {_mm256_cvtps_pd(_mm_loadu_ps(p))}; }
-  static Vec load(const f16* p) {
-    return {_mm256_cvtps_pd(_mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))))};
-  }
-  static Vec load(const bf16* p) {
-    const __m128i w = _mm_cvtepu16_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-    return {_mm256_cvtps_pd(_mm_castsi128_ps(_mm_slli_epi32(w, 16)))};
-  }
   void store(double* p) const { _mm256_storeu_pd(p, v); }
   void lanes(double* out) const { _mm256_storeu_pd(out, v); }
 };
@@ -175,11 +166,9 @@ inline Vec<double> part_wide(const Vec<double>& v, int) { return v; }
 inline Vec<double> part_wide(const Vec<float>& v, int h) { return h ? widen_hi(v) : widen_lo(v); }
 
 // Sums in double of vectors of the accumulation type, into a pair (lo, hi): a float vector's
-// two halves are widened into lo and hi (their products exact: float * float fits a double);
-// a double vector is added to lo with its rounding error compensated into hi (TwoSum, and
-// the product's own error from an FMA where madd fuses), so double input keeps about twice
-// double precision.
-// The sum of the pair's lanes is the total.
+// two halves are widened into lo and hi; a double vector is added to lo with its rounding
+// error compensated into hi (TwoSum), so double input keeps about twice double precision.
+// The sum of the pair's lanes is the total (pair_total).
 inline void two_sum_into(Vec<double>& lo, Vec<double>& hi, const Vec<double>& v) {
   const Vec<double> s = lo + v;
   const Vec<double> bb = s - lo;
@@ -191,19 +180,8 @@ inline void add_wide(Vec<double>& lo, Vec<double>& hi, const Vec<float>& v) {
   lo = lo + widen_lo(v);
   hi = hi + widen_hi(v);
 }
-// lo/hi += g * d.
-inline void madd_wide(Vec<double>& lo, Vec<double>& hi, const Vec<double>& g, const Vec<double>& d) {
-  const Vec<double> p = g * d;
-  const Vec<double> zero = Vec<double>::zero();
-  hi = hi + madd(g, d, zero - p);  // the product's rounding error (exact where madd fuses)
-  two_sum_into(lo, hi, p);
-}
-inline void madd_wide(Vec<double>& lo, Vec<double>& hi, const Vec<float>& g, const Vec<float>& d) {
-  lo = madd(widen_lo(g), widen_lo(d), lo);
-  hi = madd(widen_hi(g), widen_hi(d), hi);
-}
 
-// The total of an add_wide / madd_wide pair, lane-wise: lo + hi; for a compensated (double)
+// The total of an add_wide pair, lane-wise: lo + hi; for a compensated (double)
 // pair, lo alone where it is not finite (the plain sum's inf or NaN, which the compensation
 // would turn into NaN).
 template <class Acc> inline Vec<double> pair_total(const Vec<double>& lo, const Vec<double>& hi) {

@@ -29,9 +29,7 @@ __device__ __forceinline__ void sums_vec(const T* __restrict__ dy, const T* __re
   load_residual<V>(r, off, res);
 #pragma unroll
   for (int i = 0; i < V; ++i) {
-    const Acc d = effective_dy(g[i], v[i], k[i], res[i], r != nullptr, relu);
-    s1[i] += d;
-    s2[i] = madd(d, v[i] - k[i].mean, s2[i]);
+    grad_sums_add(s1[i], s2[i], effective_dy(g[i], v[i], k[i], res[i], r != nullptr, relu), v[i], k[i].mean);
   }
 }
 
@@ -163,7 +161,8 @@ __global__ void grad_finalize_kernel(const Acc* __restrict__ ws_a, const Acc* __
   if (threadIdx.x == 0) finalize_grad_sums(a, b, st, c, sum_dy, sum_dy_xhat);
 }
 
-// dx = A * dy_eff + Bm * (x - mean) + D ; dr = dy_eff.
+// dx = grad_input(dy_eff) (A * dy_eff + Bm * (x - mean) + D in training, A * dy_eff in
+// evaluation); dr = dy_eff.
 template <int V, class T, class Acc>
 __device__ __forceinline__ void grad_vec(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ r,
                                          bool relu, const FwdCoef<Acc> (&k)[V], const BwdCoef<Acc> (&gk)[V],

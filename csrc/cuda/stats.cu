@@ -90,13 +90,18 @@ __global__ void __launch_bounds__(kThreads)
       load_acc<VC>(x + m * C + c0, v);
 #pragma unroll
       for (int i = 0; i < VC; ++i) v[i] -= shift[i];
-      if (n == 0) {  // the first row: the state is the row itself
+      // welford_add for VC channels at once, the merge weights shared.
+      if (n == 0) {  // the first row: single_state
 #pragma unroll
-        for (int i = 0; i < VC; ++i) mean[i] = v[i];
-      } else {  // Welford: a merge with {1, v, 0}, weights shared by the VC channels
+        for (int i = 0; i < VC; ++i) {
+          const WelfordState<Acc> one = single_state(v[i]);
+          mean[i] = one.mean;
+          m2[i] = one.m2;
+        }
+      } else {
         const ChanWeights<Acc> w = chan_weights<Acc>(n, 1);
 #pragma unroll
-        for (int i = 0; i < VC; ++i) chan_absorb(mean[i], m2[i], v[i], Acc(0), w);
+        for (int i = 0; i < VC; ++i) chan_absorb(mean[i], m2[i], v[i], single_state(v[i]).m2, w);
       }
       n += 1;
     }
