@@ -201,15 +201,24 @@ template <class S> FASTBN_HD ChanWeights<S> chan_weights(int64_t na, int64_t nb)
 // absorbs (bmean, bm2) of nb values (na > 0, nb > 0; weights chan_weights(na, nb)). Never
 // forms E[x^2] - E[x]^2. Non-finite values give exactly what the plain formulas mean = sum / n,
 // m2 = sum (x - mean)^2 give (PyTorch's): mean +inf for +inf values, NaN for NaN or for both
-// infinities, and m2 NaN whenever the mean is not finite.
-template <class V, class S>
+// infinities, and m2 NaN whenever the mean is not finite. With kExact false (the CPU's
+// inner lane merges, whose non-finite results the driver recomputes value by value:
+// cpu/bn_cpu.cpp exact_channel) a non-finite input still gives a non-finite result, but not
+// necessarily that one.
+template <bool kExact = true, class V, class S>
 FASTBN_HD void chan_absorb(V& mean, V& m2, const V& bmean, const V& bm2, const ChanWeights<S>& w) {
   const V delta = bmean - mean;
   const V ratio = splat<V>(w.ratio);
   const V near = madd(delta, ratio, mean);
-  const V weighted = madd(mean, splat<V>(w.keep), bmean * ratio);  // right where delta is not finite
-  mean = where_finite(delta, near, weighted);
-  m2 = madd(delta * delta, splat<V>(w.cross), m2 + bm2) + (delta - delta);  // + NaN for non-finite delta
+  const V spread = madd(delta * delta, splat<V>(w.cross), m2 + bm2);
+  if constexpr (kExact) {
+    const V weighted = madd(mean, splat<V>(w.keep), bmean * ratio);  // right where delta is not finite
+    mean = where_finite(delta, near, weighted);
+    m2 = spread + (delta - delta);  // + NaN for non-finite delta
+  } else {
+    mean = near;
+    m2 = spread;
+  }
 }
 
 // Merge of two states (either may be empty).

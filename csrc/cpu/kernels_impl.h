@@ -30,8 +30,10 @@ using SVec = Vec<Stat>;
 // statistics are exact (block_stats). Up to kBlockChunks chunks form a block, accumulated in
 // Acc relative to a reference s (the mean of the block's first chunk, lane by lane, so the
 // arithmetic is at the scale of the values' spread, not of an offset) and merged with Chan's
-// formula (chan_absorb). A finished block is merged in double (chan_absorb) into the lane's
-// state, which is relative to the channel's shift (stats_shift). The data is read once.
+// formula (chan_absorb without the non-finite fallbacks: a channel whose result is not
+// finite is recomputed by the driver, cpu/bn_cpu.cpp exact_channel). A finished block is
+// merged in double (chan_absorb) into the lane's state, which is relative to the channel's
+// shift (stats_shift). The data is read once.
 constexpr int kChunk = 8;
 constexpr int kBlockChunks = 16;
 
@@ -55,7 +57,7 @@ template <class Acc> struct LaneWelford {
     V d[kChunk];
     for (int j = 0; j < K; ++j) d[j] = v[j] - s;
     block_stats(d, K, cmean, cm2);
-    chan_absorb(bmean, bm2, cmean, cm2, chan_weights<Acc>(bn, K));
+    chan_absorb<false>(bmean, bm2, cmean, cm2, chan_weights<Acc>(bn, K));  // non-finite: exact_channel
   }
 
   // A block (s, bmean, bm2) of bn values a lane into the double state (mean, m2) of n values
