@@ -48,9 +48,11 @@ template <class Acc> struct LaneWelford {
     if (bn == 0) {
       V r;
       block_stats(v, K, cmean, cm2, r);
-      s = stats_shift(cmean);  // finite (a non-finite reference would turn inf into NaN)
+      // A non-finite chunk leaves s, t and so the block non-finite, which is all that is
+      // needed: the driver recomputes such channels (exact_channel).
+      s = cmean;
       const V t = r / V::set1(static_cast<Acc>(K));  // the mean's rounding: relative to s, the mean is t
-      bmean = where_finite(cmean, t, cmean);
+      bmean = t;
       bm2 = madd(V::zero() - t, r, cm2);  // corrected two-pass: m2 - r^2 / K
       return;
     }
@@ -269,8 +271,7 @@ void run_grad_input(const T* dy, const T* x, Run run, BwdCoef<acc_t<T>> g, FwdCo
     BwdCoef<Acc> gs = g;
     gs.centred = decltype(centred_c)::value;
     const FwdCoef<V> kv = splat_coef<V>(k);
-    BwdCoef<V> gv = splat_coef<V>(gs);
-    gv.centred = decltype(centred_c)::value;
+    const BwdCoef<V> gv = splat_coef<V>(gs);
     const int64_t len = run.len;
     for (int64_t seg = 0; seg < run.nseg; ++seg) {
       const int64_t o = seg * run.stride;
