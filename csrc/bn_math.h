@@ -245,10 +245,17 @@ template <class Acc> FASTBN_HD void welford_add(WelfordState<Acc>& s, Acc v) { s
 // rounding error (a caller merging in a wider type corrects with it: mean + residual / K,
 // m2 - residual^2 / K).
 template <class V> FASTBN_HD void block_stats(const V* v, int K, V& mean, V& m2, V& residual) {
-  V sum = v[0];
-  for (int i = 1; i < K; ++i) sum = sum + v[i];
-  // sum / K (for a power of two K by its exact reciprocal, quicker than a division).
-  mean = (K & (K - 1)) == 0 ? sum * splat<V>(1.0 / K) : sum / splat<V>(K);
+  if ((K & (K - 1)) == 0) {
+    // Each value times the exact reciprocal 1 / K, then the sum: the roundings of sum / K,
+    // without a division, and no overflow where the values are near the float range.
+    const V inv = splat<V>(1.0 / K);
+    mean = v[0] * inv;
+    for (int i = 1; i < K; ++i) mean = madd(v[i], inv, mean);
+  } else {
+    V sum = v[0];
+    for (int i = 1; i < K; ++i) sum = sum + v[i];
+    mean = sum / splat<V>(K);
+  }
   m2 = splat<V>(0.0);
   residual = splat<V>(0.0);
   for (int i = 0; i < K; ++i) {
@@ -262,11 +269,42 @@ template <class V> FASTBN_HD void block_stats(const V* v, int K, V& mean, V& m2)
   block_stats(v, K, mean, m2, residual);
 }
 
-// Statistics are accumulated over x - shift, with one shift per channel: its first value (0
-// when that is not finite). A large common offset then costs no digits: Chan's merge of
-// means rounded at the offset's scale would add an error of the first order to M2, which the
-// shifted values avoid. The mean is shift + the mean of the shifted values (add_shift).
-template <class V> FASTBN_HD V stats_shift(V first) { return where_finite(first, first, splat<V>(0.0)); }
+// Statistics are accumulated over x - shift, with one shift per channel, and the mean is
+// shift + the mean of the shifted values (add_shift). Float accumulation rounds at the scale
+// of |mean - shift|: a large common offset would cost digits (and Chan's merge of means
+// rounded at the offset's scale an error of the first order in M2), and a shift far from a
+// mean near 0 would cost them too. The shift comes from the channel's first K =
+// min(kShiftSamples, count) values in memory order (load(j): value j): their mean m where |m|
+// exceeds their largest distance from it (an offset that dominates the spread: m is then
+// within about spread / sqrt(K) of the mean), else 0; 0 also when m is not finite.
+constexpr int kShiftSamples = 8;
+// The shift from the samples' mean m and their largest distance from it.
+template <class Acc> FASTBN_HD Acc shift_from(Acc m, Acc spread) {
+  const Acc am = m < Acc(0) ? -m : m;
+  return m - m == Acc(0) && am > spread ? m : Acc(0);
+}
+// The samples' largest distance from their mean m so far, with sample v.
+template <class Acc> FASTBN_HD Acc shift_spread(Acc spread, Acc v, Acc m) {
+  const Acc d = v - m;
+  const Acc ad = d < Acc(0) ? -d : d;
+  return ad > spread ? ad : spread;
+}
+// load(j): value j of the channel (read twice: for the mean, then for the spread).
+template <class Acc, class Load> FASTBN_HD Acc stats_shift(int64_t count, const Load& load) {
+  const int K = count < kShiftSamples ? static_cast<int>(count) : kShiftSamples;
+  if (K <= 0) return Acc(0);
+  Acc sum = Acc(0);
+  for (int j = 0; j < K; ++j) sum = sum + static_cast<Acc>(load(j));
+  const Acc m = sum / static_cast<Acc>(K);
+  Acc spread = Acc(0);
+  for (int j = 0; j < K; ++j) spread = shift_spread(spread, static_cast<Acc>(load(j)), m);
+  return shift_from(m, spread);
+}
+// Offset of value j of a channel from its first value in an (N, C, S) tensor: planar, or
+// channels-last as S = 1 (rows of C values).
+FASTBN_HD int64_t channel_value_offset(int64_t j, int64_t C, int64_t S) {
+  return j < S ? j : (j / S) * (C * S) + j % S;  // no division within the first plane
+}
 template <class F> FASTBN_HD void add_shift(WelfordState<F>& s, F shift) { s.mean = s.mean + shift; }
 
 // Biased variance of a merged state; 0 for an empty state.

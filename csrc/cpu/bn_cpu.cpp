@@ -138,8 +138,10 @@ template <class T> struct PlanarDriver {
   PlanarUnits U;
   explicit PlanarDriver(const Geometry& g) : G(g), U(g) {}
 
-  // Channel c's shift (stats_shift of its first value, at plane (0, c)).
-  Fold shift(const T* x, int64_t c) const { return stats_shift(static_cast<Fold>(to_acc(x[c * U.S]))); }
+  // Channel c's shift (stats_shift of its first values, from plane (0, c) on).
+  Fold shift(const T* x, int64_t c) const {
+    return stats_shift<Fold>(U.N * U.S, [&](int j) { return to_acc(x[c * U.S + channel_value_offset(j, U.C, U.S)]); });
+  }
   WelfordState<Fold> unit_stats(const T* x, int64_t c, int64_t u, Fold shift) const {
     int64_t off;
     const Run run = U.unit(c, u, off);
@@ -349,8 +351,8 @@ template <class T> struct RowsDriver {
   // Per-channel Welford states, block partials folded in block order.
   std::vector<WelfordState<Fold>> stats(const T* x) const {
     const int64_t C = B.C;
-    std::vector<Fold> shift(C);  // stats_shift of each channel's first value (row 0)
-    for (int64_t c = 0; c < C; ++c) shift[c] = stats_shift(static_cast<Fold>(to_acc(x[c])));
+    std::vector<Fold> shift(C);  // stats_shift of each channel's first values (rows 0, 1, ...)
+    for (int64_t c = 0; c < C; ++c) shift[c] = stats_shift<Fold>(B.M, [&](int j) { return to_acc(x[j * C + c]); });
     const std::vector<Fold> shift_pattern = B.pattern(shift);
     std::vector<Fold> pm(B.count * C), pm2(B.count * C);
     for_all_blocks([&](int64_t b, Fold* scratch) {

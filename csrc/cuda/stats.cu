@@ -2,8 +2,8 @@
 // in a fixed order (deterministic, no atomics), for the planar and channels-last layouts.
 //   1. partial kernel: block (channel [tile], split) -> Welford state into the workspace
 //   2. finalize kernel: a warp per channel merges its splits' states (Chan, in double, fixed order)
-// The states are of the values minus a per-channel shift (bn_math.h stats_shift): its first
-// value, so that a large common offset costs no digits.
+// The states are of the values minus a per-channel shift (bn_math.h stats_shift, from the
+// channel's first values), so that a large common offset costs no digits.
 #include "common.cuh"
 
 namespace fastbn {
@@ -34,7 +34,7 @@ __global__ void __launch_bounds__(kThreads)
   FASTBN_SHARED_ARRAY(shared, kThreads / 32, WelfordState<Acc>);
   const int64_t c = blockIdx.x / splits;
   const int64_t split = blockIdx.x % splits;
-  const Acc shift = stats_shift(to_acc(x[c * S]));
+  const Acc shift = stats_shift<Acc>(N * S, [&](int j) { return to_acc(x[c * S + channel_value_offset(j, C, S)]); });
   WelfordState<Acc> st{0, Acc(0), Acc(0)};
   const int64_t units = N * pieces;
   const int64_t step = splits * blockDim.y;
@@ -82,9 +82,28 @@ __global__ void __launch_bounds__(kThreads)
   for (int i = 0; i < VC; ++i) mean[i] = m2[i] = Acc(0);
   int64_t n = 0;
   if (c0 < C) {
-    Acc shift[VC];
+    // stats_shift of the VC channels, a row of them at a time: the same arithmetic, in the same
+    // order, as the finalize kernel's stats_shift of each.
+    Acc shift[VC], spread[VC];
+    const int K = M < kShiftSamples ? static_cast<int>(M) : kShiftSamples;
 #pragma unroll
-    for (int i = 0; i < VC; ++i) shift[i] = stats_shift(to_acc(x[c0 + i]));
+    for (int i = 0; i < VC; ++i) shift[i] = spread[i] = Acc(0);
+    for (int j = 0; j < K; ++j) {
+      Acc v[VC];
+      load_acc<VC>(x + j * C + c0, v);
+#pragma unroll
+      for (int i = 0; i < VC; ++i) shift[i] = shift[i] + v[i];
+    }
+#pragma unroll
+    for (int i = 0; i < VC; ++i) shift[i] = shift[i] / static_cast<Acc>(K);  // the samples' mean
+    for (int j = 0; j < K; ++j) {
+      Acc v[VC];
+      load_acc<VC>(x + j * C + c0, v);
+#pragma unroll
+      for (int i = 0; i < VC; ++i) spread[i] = shift_spread(spread[i], v[i], shift[i]);
+    }
+#pragma unroll
+    for (int i = 0; i < VC; ++i) shift[i] = shift_from(shift[i], spread[i]);
     for (int64_t m = static_cast<int64_t>(blockIdx.y) * by + ty; m < M; m += static_cast<int64_t>(gridDim.y) * by) {
       Acc v[VC];
       load_acc<VC>(x + m * C + c0, v);
@@ -144,7 +163,8 @@ __global__ void __launch_bounds__(kThreads)
 // A warp per channel (threadIdx.y): lane l merges partials l, l + 32, ... in order (in
 // double; kFinalizeBatch of them loaded at a time), then the lanes merge in a fixed shuffle
 // tree; the order depends on `splits` alone. The partials are of the values minus the
-// channel's shift (stats_shift of its first value, x[c * shift_stride]), added back here.
+// channel's shift (stats_shift of its first values: x[c * S], S = shift_stride the plane size,
+// or 1 for channels-last), added back here.
 template <class T>
 __global__ void stats_finalize_kernel(const int64_t* __restrict__ ws_n, const acc_t<T>* __restrict__ ws_mean,
                                       const acc_t<T>* __restrict__ ws_m2, int64_t splits, int64_t C,
@@ -176,7 +196,9 @@ __global__ void stats_finalize_kernel(const int64_t* __restrict__ ws_n, const ac
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) s = chan_merge(s, shfl_down(s, off));
   if (threadIdx.x != 0) return;
-  add_shift(s, static_cast<double>(stats_shift(to_acc(x[c * shift_stride]))));
+  const int64_t S = shift_stride;
+  add_shift(s, static_cast<double>(
+                   stats_shift<Acc>(s.n, [&](int j) { return to_acc(x[c * S + channel_value_offset(j, C, S)]); })));
   finalize_stats(s, eps, mean, var, invstd, c);
 }
 
