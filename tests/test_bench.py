@@ -65,14 +65,20 @@ def cli(bench_pkg):
     return bench_pkg.cli
 
 
-def _scaled_output_factory(kind, num_features, **kwargs):
-    """Subtly wrong forward: torch BatchNorm, then * 1.01."""
+def _output_scaled_by(factor):
+    """Subtly wrong forward: torch BatchNorm, then * factor."""
 
-    class Scaled(TORCH_BN[kind]):
-        def forward(self, input):
-            return super().forward(input) * 1.01
+    def factory(kind, num_features, **kwargs):
+        class Scaled(TORCH_BN[kind]):
+            def forward(self, input):
+                return super().forward(input) * factor
 
-    return Scaled(num_features, **kwargs)
+        return Scaled(num_features, **kwargs)
+
+    return factory
+
+
+_scaled_output_factory = _output_scaled_by(1.01)
 
 
 def _grad_scaled_by(factor):
@@ -203,8 +209,9 @@ def test_check_covers_gradients_and_running_stats(bench_cases, checking):
     assert checking.check_case(case, "eval", _wrong_momentum_factory) == (True, "")
 
 
-def test_inaccurate_eager_is_not_blamed_on_fastbn(bench_cases, checking, monkeypatch):
-    """Where torch eager itself is off, the float64 reference decides."""
+@pytest.fixture
+def inaccurate_eager_case(bench_cases, checking, monkeypatch):
+    """A float32 BatchNorm2d case whose torch eager reference is 1.01x off (its float64 run exact)."""
 
     class InaccurateEager(torch.nn.BatchNorm2d):
         def forward(self, input):
@@ -214,6 +221,12 @@ def test_inaccurate_eager_is_not_blamed_on_fastbn(bench_cases, checking, monkeyp
     monkeypatch.setattr(checking, "TORCH_BN", {**TORCH_BN, 2: InaccurateEager})
     [case] = bench_cases.build_cases("cpu", quick=True, filters={"shapes": "bn2d", "dtypes": ["float32"],
                                                                   "layouts": ["nchw"]})
+    return case
+
+
+def test_inaccurate_eager_is_not_blamed_on_fastbn(inaccurate_eager_case, checking):
+    """Where torch eager itself is off, the float64 reference decides."""
+    case = inaccurate_eager_case
     passed, note = checking.check_case(case, "fwd")
     assert passed and "float64 reference" in note
     passed, note = checking.check_case(case, "fwd", _scaled_grad_factory)  # right outputs
@@ -222,29 +235,10 @@ def test_inaccurate_eager_is_not_blamed_on_fastbn(bench_cases, checking, monkeyp
     assert not passed and note.startswith("input grad:"), note
 
 
-def _output_scaled_by(factor):
-    def factory(kind, num_features, **kwargs):
-        class Scaled(TORCH_BN[kind]):
-            def forward(self, input):
-                return super().forward(input) * factor
-
-        return Scaled(num_features, **kwargs)
-
-    return factory
-
-
-def test_no_less_accurate_than_an_inaccurate_eager_passes(bench_cases, checking, monkeypatch):
+def test_no_less_accurate_than_an_inaccurate_eager_passes(inaccurate_eager_case, checking):
     """Where eager and the implementation are both off the float64 reference, the implementation
     passes when no output of it is farther off than eager's, and fails when one is."""
-
-    class InaccurateEager(torch.nn.BatchNorm2d):
-        def forward(self, input):
-            y = super().forward(input)
-            return y if input.dtype == torch.float64 else y * 1.01
-
-    monkeypatch.setattr(checking, "TORCH_BN", {**TORCH_BN, 2: InaccurateEager})
-    [case] = bench_cases.build_cases("cpu", quick=True, filters={"shapes": "bn2d", "dtypes": ["float32"],
-                                                                  "layouts": ["nchw"]})
+    case = inaccurate_eager_case
     passed, note = checking.check_case(case, "fwd", _output_scaled_by(1.005))
     assert passed and note.startswith("no less accurate than torch eager"), note
     passed, note = checking.check_case(case, "fwd", _output_scaled_by(1.02))
