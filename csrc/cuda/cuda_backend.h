@@ -33,8 +33,7 @@ template <class Acc> inline Affine<Acc> affine(const Operands& o) { return Affin
 
 // Device workspace for one per-channel reduction over geometry g (caching allocator).
 inline at::Tensor reduce_workspace(const Geometry& g, const at::Tensor& x, const LaunchEnv& env) {
-  const size_t bytes =
-      reduce_workspace_bytes(g, static_cast<int>(x.element_size()), x.scalar_type() == at::kDouble, env.sm_count);
+  const size_t bytes = reduce_workspace_bytes(g, static_cast<int>(x.element_size()), env.sm_count);
   return at::empty({static_cast<int64_t>(bytes)}, x.options().dtype(at::kByte));
 }
 

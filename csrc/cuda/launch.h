@@ -21,7 +21,7 @@ struct LaunchEnv {
 
 // Bytes of device workspace the per-channel reductions (stats, grad sums) need for geometry
 // g; the caller allocates them (caching allocator) and passes them to the launchers below.
-size_t reduce_workspace_bytes(const Geometry& g, int elem_size, bool is_double, int sm_count);
+size_t reduce_workspace_bytes(const Geometry& g, int elem_size, int sm_count);
 
 // Per-channel mean and biased variance of x; invstd = 1 / sqrt(var + eps) when invstd != null.
 template <class T>

@@ -1,6 +1,8 @@
 // Per-channel batch statistics: a split reduction whose partial Welford states are merged
 // in a fixed order (deterministic, no atomics), for the planar and channels-last layouts.
-//   1. partial kernel: block (channel [tile], split) -> Welford state into the workspace
+//   1. partial kernel: block (channel [tile], split) -> Welford state into the workspace, in
+//      double; the threads accumulate in the accumulation type, and the planar kernel's block
+//      merges their states in double, so that a float mean is rounded once, at the end
 //   2. finalize kernel: a warp per channel merges its splits' states (Chan, in double, fixed order)
 // The states are of the values minus a per-channel shift (bn_math.h stats_shift, from the
 // channel's first values), so that a large common offset costs no digits.
@@ -28,10 +30,10 @@ template <int V, class Acc> __device__ __forceinline__ void welford_add_vec(Welf
 template <class T, int V>
 __global__ void __launch_bounds__(kThreads)
     stats_planar_kernel(const T* __restrict__ x, int64_t N, int64_t C, int64_t S, int64_t splits, int64_t pieces,
-                        int64_t piece_len, int64_t* __restrict__ ws_n, acc_t<T>* __restrict__ ws_mean,
-                        acc_t<T>* __restrict__ ws_m2) {
+                        int64_t piece_len, int64_t* __restrict__ ws_n, double* __restrict__ ws_mean,
+                        double* __restrict__ ws_m2) {
   using Acc = acc_t<T>;
-  FASTBN_SHARED_ARRAY(shared, kThreads / 32, WelfordState<Acc>);
+  FASTBN_SHARED_ARRAY(shared, kThreads / 32, WelfordState<double>);
   const int64_t c = blockIdx.x / splits;
   const int64_t split = blockIdx.x % splits;
   const Acc shift = stats_shift<Acc>(N * S, [&](int j) { return to_acc(x[c * S + channel_value_offset(j, C, S)]); });
@@ -52,22 +54,25 @@ __global__ void __launch_bounds__(kThreads)
       welford_add_vec<V>(st, v);
     }
   }
-  st = block_merge(st, shared);
+  const WelfordState<double> bs =
+      block_merge(WelfordState<double>{st.n, static_cast<double>(st.mean), static_cast<double>(st.m2)}, shared);
   if (flat_tid() == 0) {
     const int64_t k = split * C + c;
-    ws_n[k] = st.n;
-    ws_mean[k] = st.mean;
-    ws_m2[k] = st.m2;
+    ws_n[k] = bs.n;
+    ws_mean[k] = bs.mean;
+    ws_m2[k] = bs.m2;
   }
 }
 
 // Channels-last: thread (tx, ty) of block (bx, by) accumulates VC consecutive channels over
-// rows ty + by * blockDim.y + k * gridDim.y * blockDim.y; the block then merges over ty.
+// rows ty + by * blockDim.y + k * gridDim.y * blockDim.y; the block then merges over ty in
+// Acc (a double tree slowed half-precision forwards: DESIGN_NOTES.md) and stores the states
+// in double.
 // Dynamic shared memory: blockDim.y * (blockDim.x * VC * 2 Acc + 1 int64).
 template <class T, int VC>
 __global__ void __launch_bounds__(kThreads)
     stats_cl_kernel(const T* __restrict__ x, int64_t M, int64_t C, int64_t* __restrict__ ws_n,
-                    acc_t<T>* __restrict__ ws_mean, acc_t<T>* __restrict__ ws_m2) {
+                    double* __restrict__ ws_mean, double* __restrict__ ws_m2) {
   using Acc = acc_t<T>;
   FASTBN_DYNAMIC_SHARED(smem);
   const int bx = blockDim.x, by = blockDim.y, tx = threadIdx.x, ty = threadIdx.y;
@@ -166,8 +171,8 @@ __global__ void __launch_bounds__(kThreads)
 // channel's shift (stats_shift of its first values: x[c * S], S = shift_stride the plane size,
 // or 1 for channels-last), added back here.
 template <class T>
-__global__ void stats_finalize_kernel(const int64_t* __restrict__ ws_n, const acc_t<T>* __restrict__ ws_mean,
-                                      const acc_t<T>* __restrict__ ws_m2, int64_t splits, int64_t C,
+__global__ void stats_finalize_kernel(const int64_t* __restrict__ ws_n, const double* __restrict__ ws_mean,
+                                      const double* __restrict__ ws_m2, int64_t splits, int64_t C,
                                       const T* __restrict__ x, int64_t shift_stride, acc_t<T> eps,
                                       acc_t<T>* __restrict__ mean, acc_t<T>* __restrict__ var,
                                       acc_t<T>* __restrict__ invstd) {
@@ -179,7 +184,7 @@ __global__ void stats_finalize_kernel(const int64_t* __restrict__ ws_n, const ac
     // All loads first (unconditional: past the last split the index is clamped and the
     // value dropped below), so that they overlap; then the merges in order.
     int64_t pn[kFinalizeBatch];
-    Acc pmean[kFinalizeBatch], pm2[kFinalizeBatch];
+    double pmean[kFinalizeBatch], pm2[kFinalizeBatch];
 #pragma unroll
     for (int j = 0; j < kFinalizeBatch; ++j) {
       const int64_t i = min(k0 + 32 * j, splits - 1) * C + c;
@@ -190,7 +195,7 @@ __global__ void stats_finalize_kernel(const int64_t* __restrict__ ws_n, const ac
 #pragma unroll
     for (int j = 0; j < kFinalizeBatch; ++j) {
       if (k0 + 32 * j < splits)
-        s = chan_merge(s, WelfordState<double>{pn[j], static_cast<double>(pmean[j]), static_cast<double>(pm2[j])});
+        s = chan_merge(s, WelfordState<double>{pn[j], pmean[j], pm2[j]});
     }
   }
 #pragma unroll
@@ -203,7 +208,7 @@ __global__ void stats_finalize_kernel(const int64_t* __restrict__ ws_n, const ac
 }
 
 template <class T, int V>
-void launch_planar(const Geometry& g, const T* x, ReduceWorkspace<acc_t<T>>& ws, int64_t splits, cudaStream_t stream) {
+void launch_planar(const Geometry& g, const T* x, ReduceWorkspace<double>& ws, int64_t splits, cudaStream_t stream) {
   const PlanarReduceBlock blk(g.S, V);
   const PlanarPieces pc(g, splits * blk.by, V);
   FASTBN_LAUNCH(static_cast<unsigned>(g.C * splits), dim3(blk.bx, blk.by), 0, stream, stats_planar_kernel<T, V>)(
@@ -211,7 +216,7 @@ void launch_planar(const Geometry& g, const T* x, ReduceWorkspace<acc_t<T>>& ws,
 }
 
 template <class T, int VC>
-void launch_cl(const Geometry& g, const T* x, ReduceWorkspace<acc_t<T>>& ws, int64_t splits, cudaStream_t stream) {
+void launch_cl(const Geometry& g, const T* x, ReduceWorkspace<double>& ws, int64_t splits, cudaStream_t stream) {
   const ClBlock blk(g.C, VC);
   const dim3 grid(static_cast<unsigned>(blk.grid_x), static_cast<unsigned>(splits));
   const dim3 block(blk.bx, blk.by);
@@ -221,10 +226,10 @@ void launch_cl(const Geometry& g, const T* x, ReduceWorkspace<acc_t<T>>& ws, int
 
 }  // namespace
 
-size_t reduce_workspace_bytes(const Geometry& g, int elem_size, bool is_double, int sm_count) {
+size_t reduce_workspace_bytes(const Geometry& g, int elem_size, int sm_count) {
   const int v = 16 / elem_size;  // vec_width<T>()
   const int64_t splits = std::max(reduction_splits(g, sm_count, 1), reduction_splits(g, sm_count, v));
-  return is_double ? ReduceWorkspace<double>::bytes(splits, g.C) : ReduceWorkspace<float>::bytes(splits, g.C);
+  return ReduceWorkspace<double>::bytes(splits, g.C);  // statistics partials are double (sums: Acc, no larger)
 }
 
 template <class T>
@@ -236,15 +241,15 @@ cudaError_t launch_stats(const Geometry& g, const T* x, acc_t<T>* mean, acc_t<T>
   if (g.channels_last) {
     const bool vec = g.C % V == 0 && aligned16(x);
     splits = reduction_splits(g, env.sm_count, vec ? V : 1);
-    ReduceWorkspace<Acc> ws(workspace, splits, g.C);
+    ReduceWorkspace<double> ws(workspace, splits, g.C);
     if (vec) launch_cl<T, V>(g, x, ws, splits, env.stream);
     else launch_cl<T, 1>(g, x, ws, splits, env.stream);
   } else {
     splits = reduction_splits(g, env.sm_count, 1);
-    ReduceWorkspace<Acc> ws(workspace, splits, g.C);
+    ReduceWorkspace<double> ws(workspace, splits, g.C);
     with_vec<T>(planar_reduce_vec<T>(g.S, {x}), [&](auto v) { launch_planar<T, decltype(v)::value>(g, x, ws, splits, env.stream); });
   }
-  ReduceWorkspace<Acc> ws(workspace, splits, g.C);
+  ReduceWorkspace<double> ws(workspace, splits, g.C);
   FASTBN_LAUNCH(static_cast<unsigned>(ceil_div(g.C, kFinalizeChannels)), dim3(32, kFinalizeChannels), 0, env.stream,
                 stats_finalize_kernel<T>)(
       ws.n, ws.a, ws.b, splits, g.C, x, g.channels_last ? int64_t(1) : g.S, static_cast<Acc>(eps), mean, var, invstd);

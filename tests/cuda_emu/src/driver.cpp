@@ -101,7 +101,7 @@ template <class T> Outputs run_launchers(const Case<T>& cs, const std::vector<T>
   int sm = 0;
   cudaDeviceGetAttribute(&sm, cudaDevAttrMultiProcessorCount, 0);
   const LaunchEnv env{nullptr, sm};
-  std::vector<unsigned char> ws(reduce_workspace_bytes(g, sizeof(T), sizeof(T) == 8, sm), 0xFF);
+  std::vector<unsigned char> ws(reduce_workspace_bytes(g, sizeof(T), sm), 0xFF);
   const std::string nm = cs.name();
   check_status(launch_stats<T>(g, x, mean.data(), var.data(), invstd.data(), 1e-5, ws.data(), env), nm + " stats");
   const ChannelStats<Acc> st{mean.data(), invstd.data(), false, Acc(0)};
