@@ -289,16 +289,30 @@ template <class Acc> FASTBN_HD Acc shift_spread(Acc spread, Acc v, Acc m) {
   const Acc ad = d < Acc(0) ? -d : d;
   return ad > spread ? ad : spread;
 }
-// load(j): value j of the channel (read twice: for the mean, then for the spread).
-template <class Acc, class Load> FASTBN_HD Acc stats_shift(int64_t count, const Load& load) {
+// The shifts of L channels at once: load(j, v) sets v[l] to value j of channel l (called twice
+// per j: for the mean, then for the spread). Each channel's arithmetic is the one-channel
+// stats_shift's, in the same order, so both give the same bits.
+template <int L, class Acc, class Load> FASTBN_HD void stats_shifts(int64_t count, const Load& load, Acc (&shift)[L]) {
   const int K = count < kShiftSamples ? static_cast<int>(count) : kShiftSamples;
-  if (K <= 0) return Acc(0);
-  Acc sum = Acc(0);
-  for (int j = 0; j < K; ++j) sum = sum + static_cast<Acc>(load(j));
-  const Acc m = sum / static_cast<Acc>(K);
-  Acc spread = Acc(0);
-  for (int j = 0; j < K; ++j) spread = shift_spread(spread, static_cast<Acc>(load(j)), m);
-  return shift_from(m, spread);
+  Acc spread[L], v[L];
+  for (int l = 0; l < L; ++l) shift[l] = spread[l] = Acc(0);
+  if (K <= 0) return;
+  for (int j = 0; j < K; ++j) {
+    load(j, v);
+    for (int l = 0; l < L; ++l) shift[l] = shift[l] + v[l];
+  }
+  for (int l = 0; l < L; ++l) shift[l] = shift[l] / static_cast<Acc>(K);  // the samples' mean m
+  for (int j = 0; j < K; ++j) {
+    load(j, v);
+    for (int l = 0; l < L; ++l) spread[l] = shift_spread(spread[l], v[l], shift[l]);
+  }
+  for (int l = 0; l < L; ++l) shift[l] = shift_from(shift[l], spread[l]);
+}
+// One channel's shift; load(j): its value j.
+template <class Acc, class Load> FASTBN_HD Acc stats_shift(int64_t count, const Load& load) {
+  Acc shift[1];
+  stats_shifts<1>(count, [&](int j, Acc (&v)[1]) { v[0] = static_cast<Acc>(load(j)); }, shift);
+  return shift[0];
 }
 // Offset of value j of a channel from its first value in an (N, C, S) tensor: planar, or
 // channels-last as S = 1 (rows of C values).

@@ -170,14 +170,16 @@ template <class T> struct PlanarDriver {
   std::vector<WelfordState<Fold>> stats(const T* x) const {
     const int64_t C = U.C, n = U.per_channel;
     std::vector<WelfordState<Fold>> parts(C * n), out(C);
+    std::vector<Fold> shifts(C);
+    for (int64_t c = 0; c < C; ++c) shifts[c] = shift(x, c);
     at::parallel_for(0, C * n, U.grain_units(), [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) parts[i] = unit_stats(x, i / n, i % n, shift(x, i / n));
+      for (int64_t i = b; i < e; ++i) parts[i] = unit_stats(x, i / n, i % n, shifts[i / n]);
     });
     for (int64_t c = 0; c < C; ++c) {
       WelfordState<Fold> st{0, 0.0, 0.0};
       for (int64_t u = 0; u < n; ++u) st = chan_merge(st, parts[c * n + u]);
-      check_finite(st, x, G, c, shift(x, c));
-      add_shift(st, shift(x, c));
+      check_finite(st, x, G, c, shifts[c]);
+      add_shift(st, shifts[c]);
       out[c] = st;
     }
     return out;

@@ -87,28 +87,9 @@ __global__ void __launch_bounds__(kThreads)
   for (int i = 0; i < VC; ++i) mean[i] = m2[i] = Acc(0);
   int64_t n = 0;
   if (c0 < C) {
-    // stats_shift of the VC channels, a row of them at a time: the same arithmetic, in the same
-    // order, as the finalize kernel's stats_shift of each.
-    Acc shift[VC], spread[VC];
-    const int K = M < kShiftSamples ? static_cast<int>(M) : kShiftSamples;
-#pragma unroll
-    for (int i = 0; i < VC; ++i) shift[i] = spread[i] = Acc(0);
-    for (int j = 0; j < K; ++j) {
-      Acc v[VC];
-      load_acc<VC>(x + j * C + c0, v);
-#pragma unroll
-      for (int i = 0; i < VC; ++i) shift[i] = shift[i] + v[i];
-    }
-#pragma unroll
-    for (int i = 0; i < VC; ++i) shift[i] = shift[i] / static_cast<Acc>(K);  // the samples' mean
-    for (int j = 0; j < K; ++j) {
-      Acc v[VC];
-      load_acc<VC>(x + j * C + c0, v);
-#pragma unroll
-      for (int i = 0; i < VC; ++i) spread[i] = shift_spread(spread[i], v[i], shift[i]);
-    }
-#pragma unroll
-    for (int i = 0; i < VC; ++i) shift[i] = shift_from(shift[i], spread[i]);
+    // The VC channels' shifts, a row of them at a time (the finalize's stats_shift bit for bit).
+    Acc shift[VC];
+    stats_shifts<VC>(M, [&](int j, Acc (&v)[VC]) { load_acc<VC>(x + j * C + c0, v); }, shift);
     for (int64_t m = static_cast<int64_t>(blockIdx.y) * by + ty; m < M; m += static_cast<int64_t>(gridDim.y) * by) {
       Acc v[VC];
       load_acc<VC>(x + m * C + c0, v);
