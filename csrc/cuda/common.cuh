@@ -194,39 +194,11 @@ inline int64_t reduction_splits(const Geometry& g, int sm_count, int vc) {
   return g.channels_last ? cl_splits(g, sm_count, vc) : planar_splits(g, sm_count);
 }
 
-// Vectors a thread of a planar reduction loads per unit (a plane or plane piece), at least
-// where the plane allows: independent loads in flight before the first is used.
-constexpr int kReduceVecsPerThread = 4;
-
-// Planar reduction block: x covers positions of a plane (v values a thread, about
-// kReduceVecsPerThread vectors per unit), y covers units (planes or plane pieces) of the
-// block's channel, so small planes keep every thread busy.
-struct PlanarReduceBlock {
-  int bx, by;
-  PlanarReduceBlock(int64_t S, int v) {
-    bx = next_pow2(ceil_div(ceil_div(S, v), kReduceVecsPerThread));
-    by = kThreads / bx;
-  }
-};
-
 // Finalize kernels (the fixed-order merge of a reduction's `splits` partials per channel):
 // a warp per channel, kFinalizeChannels channels (warps) a block of dim3(32, kFinalizeChannels).
 constexpr int kFinalizeChannels = kThreads / 32;
 // Partials a finalize lane loads before merging them (independent loads in flight).
 constexpr int kFinalizeBatch = 4;
-
-// Units of a planar reduction: each plane cut into `pieces` pieces of `len` values (a multiple
-// of v), chosen so that the N * pieces units spread evenly over the splits * by unit slots
-// of a channel (at least ~4 units a slot when planes are large enough to cut).
-struct PlanarPieces {
-  int64_t pieces, len;
-  PlanarPieces(const Geometry& g, int64_t slots, int v) {
-    const int64_t want = std::max<int64_t>(1, ceil_div(4 * slots, std::max<int64_t>(g.N, 1)));
-    const int64_t max_pieces = std::max<int64_t>(1, g.S / std::max<int64_t>(kThreads * v, 1));
-    len = ceil_div(ceil_div(g.S, std::min(want, max_pieces)), v) * v;
-    pieces = ceil_div(g.S, len);
-  }
-};
 
 // ---------------------------------------------------------------- reductions
 
@@ -283,19 +255,79 @@ template <class Acc> __device__ void block_sum2(Acc& a, Acc& b, Acc* shared) {
   }
 }
 
+// Planar reduction walk over channel c of an (N, C, S) tensor: its N * S values as N * (S / V)
+// vectors of V values (S % V == 0), in tiles of kThreads * K vectors; the block of split
+// `split` takes tiles split, split + splits, ... Thread t of a tile reads its vectors t,
+// t + kThreads, ..., t + (K - 1) * kThreads, so each load of a warp reads 32 consecutive
+// vectors of the channel (across plane boundaries) and a thread has K loads in flight,
+// whatever the plane size. For a whole tile: load(k, off) for k = 0..K-1 (off: the element
+// offset of vector k), then use(); for the channel's last, partial tile: part(off) for each
+// of the thread's vectors in range. A 1-D block of kThreads threads.
+template <int V, int K, class Load, class Use, class Part>
+__device__ __forceinline__ void planar_tiles(int64_t N, int64_t C, int64_t S, int64_t c, int64_t split,
+                                             int64_t splits, const Load& load, const Use& use, const Part& part) {
+  const int64_t sv = S / V;     // vectors a plane
+  const int64_t vecs = N * sv;  // vectors of the channel
+  const int64_t tile = static_cast<int64_t>(kThreads) * K;
+  const int64_t cs = C * S;
+  // A thread's position: vector j = n * sv + s of the channel, at element offset o. Steps of
+  // kThreads vectors (within a tile) and of splits * tile (to the next tile) as (vectors
+  // within a plane, elements), so that the walk divides only here.
+  struct Step {
+    int64_t vecs, elems;
+  };
+  const auto make_step = [&](int64_t d) { return Step{d % sv, (d % sv) * V + (d / sv) * cs}; };
+  const Step in_tile = make_step(kThreads), next_tile = make_step(splits * tile);
+  const auto advance = [&](const Step& st, int64_t& s, int64_t& o) {
+    s += st.vecs;
+    o += st.elems;
+    if (s >= sv) {  // into the next plane of the channel
+      s -= sv;
+      o += cs - S;
+    }
+  };
+  const int64_t first = split * tile + flat_tid();
+  int64_t s0 = first % sv;
+  int64_t o0 = ((first / sv) * C + c) * S + s0 * V;
+  for (int64_t t0 = split * tile; t0 < vecs; t0 += splits * tile) {
+    const int64_t j0 = t0 + flat_tid();
+    const bool whole = t0 + tile <= vecs;
+    int64_t s = s0, o = o0;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      if (whole) load(k, o);
+      else if (j0 + static_cast<int64_t>(k) * kThreads < vecs) part(o);
+      advance(in_tile, s, o);
+    }
+    advance(next_tile, s0, o0);
+    if (whole) use();
+  }
+}
+
+// Index of partial k (of `splits`) of channel c in a reduction workspace array: a channel's
+// partials are consecutive, so that a finalize warp's loads of them coalesce.
+__host__ __device__ __forceinline__ int64_t partial_index(int64_t k, int64_t c, int64_t splits) {
+  return c * splits + k;
+}
+
 // Workspace layout of a reduction with `splits` partials per channel:
-//   [int64 n: splits * C][Acc a: splits * C][Acc b: splits * C]   (partial k of channel c at k * C + c)
+//   [double shift: C][int64 n: splits * C][Acc a: splits * C][Acc b: splits * C]
+// (partials at partial_index; shift: the statistics' per-channel shift, which the partial
+// kernels compute and the finalize adds back; the backward sums leave it unused).
 template <class Acc> struct ReduceWorkspace {
+  double* shift;
   int64_t* n;
   Acc* a;
   Acc* b;
   ReduceWorkspace(void* base, int64_t splits, int64_t C) {
-    n = static_cast<int64_t*>(base);
+    shift = static_cast<double*>(base);
+    n = reinterpret_cast<int64_t*>(shift + C);
     a = reinterpret_cast<Acc*>(n + splits * C);
     b = a + splits * C;
   }
   static size_t bytes(int64_t splits, int64_t C) {
-    return static_cast<size_t>(splits * C) * (sizeof(int64_t) + 2 * sizeof(Acc));
+    return static_cast<size_t>(C) * sizeof(double) +
+           static_cast<size_t>(splits * C) * (sizeof(int64_t) + 2 * sizeof(Acc));
   }
 };
 

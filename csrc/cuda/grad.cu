@@ -33,13 +33,17 @@ __device__ __forceinline__ void sums_vec(const T* __restrict__ dy, const T* __re
   }
 }
 
+// Vectors of each tensor a thread of a planar backward-sum tile loads before using them.
+template <int V> constexpr int grad_tile_vecs() { return V >= 4 ? 2 : 8 / V; }
+
+// Planar: block b handles channel c = b / splits, split b % splits of its tiles (planar_tiles).
 template <class T, int V>
 __global__ void __launch_bounds__(kThreads)
     grad_reduce_planar_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ r, bool relu,
-                              int64_t N, int64_t C, int64_t S, int64_t splits, int64_t pieces, int64_t piece_len,
-                              ChannelStats<acc_t<T>> st, Affine<acc_t<T>> af, acc_t<T>* __restrict__ ws_a,
-                              acc_t<T>* __restrict__ ws_b) {
+                              int64_t N, int64_t C, int64_t S, int64_t splits, ChannelStats<acc_t<T>> st,
+                              Affine<acc_t<T>> af, acc_t<T>* __restrict__ ws_a, acc_t<T>* __restrict__ ws_b) {
   using Acc = acc_t<T>;
+  constexpr int K = grad_tile_vecs<V>();
   FASTBN_SHARED_ARRAY(shared, 2 * (kThreads / 32), Acc);
   const int64_t c = blockIdx.x / splits;
   const int64_t split = blockIdx.x % splits;
@@ -51,17 +55,23 @@ __global__ void __launch_bounds__(kThreads)
     k[i] = k1;
     s1[i] = s2[i] = Acc(0);
   }
-  const int64_t units = N * pieces;
-  const int64_t step = splits * blockDim.y;
-  for (int64_t u = split * blockDim.y + threadIdx.y; u < units; u += step) {
-    const int64_t n = u / pieces;
-    const int64_t s0 = (u % pieces) * piece_len;
-    const int64_t s1_end = min(S, s0 + piece_len);
-    const int64_t base = (n * C + c) * S;
-#pragma unroll 2
-    for (int64_t s = s0 + static_cast<int64_t>(threadIdx.x) * V; s < s1_end; s += static_cast<int64_t>(blockDim.x) * V)
-      sums_vec<V>(dy, x, r, relu, k, base + s, s1, s2);
-  }
+  Acc g[K][V], v[K][V], res[K][V];  // a whole tile's values: every load first, then the sums
+  planar_tiles<V, K>(
+      N, C, S, c, split, splits,
+      [&](int j, int64_t o) {
+        load_acc<V>(dy + o, g[j]);
+        load_acc<V>(x + o, v[j]);
+        load_residual<V>(r, o, res[j]);
+      },
+      [&] {
+#pragma unroll
+        for (int j = 0; j < K; ++j)
+#pragma unroll
+          for (int i = 0; i < V; ++i)
+            grad_sums_add(s1[i], s2[i], effective_dy(g[j][i], v[j][i], k[i], res[j][i], r != nullptr, relu), v[j][i],
+                          k[i].mean);
+      },
+      [&](int64_t o) { sums_vec<V>(dy, x, r, relu, k, o, s1, s2); });
   Acc a = 0, b = 0;
 #pragma unroll
   for (int i = 0; i < V; ++i) {
@@ -70,8 +80,8 @@ __global__ void __launch_bounds__(kThreads)
   }
   block_sum2(a, b, shared);
   if (flat_tid() == 0) {
-    ws_a[split * C + c] = a;
-    ws_b[split * C + c] = b;
+    ws_a[partial_index(split, c, splits)] = a;
+    ws_b[partial_index(split, c, splits)] = b;
   }
 }
 
@@ -118,7 +128,7 @@ __global__ void __launch_bounds__(kThreads)
   if (ty == 0 && c0 < C) {
 #pragma unroll
     for (int i = 0; i < VC; ++i) {
-      const int64_t kidx = static_cast<int64_t>(blockIdx.y) * C + c0 + i;
+      const int64_t kidx = partial_index(blockIdx.y, c0 + i, gridDim.y);
       ws_a[kidx] = sa[tx * VC + i];
       ws_b[kidx] = sb[tx * VC + i];
     }
@@ -141,7 +151,7 @@ __global__ void grad_finalize_kernel(const Acc* __restrict__ ws_a, const Acc* __
     Acc pa[kFinalizeBatch], pb[kFinalizeBatch];
 #pragma unroll
     for (int j = 0; j < kFinalizeBatch; ++j) {
-      const int64_t i = min(k0 + 32 * j, splits - 1) * C + c;
+      const int64_t i = partial_index(min(k0 + 32 * j, splits - 1), c, splits);
       pa[j] = ws_a[i];
       pb[j] = ws_b[i];
     }
@@ -292,12 +302,9 @@ cudaError_t launch_grad_reduce(const Geometry& g, const T* dy, const T* x, Chann
     splits = reduction_splits(g, env.sm_count, 1);
     ReduceWorkspace<Acc> ws(workspace, splits, g.C);
     with_vec<T>(planar_reduce_vec<T>(g.S, {dy, x, r}), [&](auto v) {
-      constexpr int VP = decltype(v)::value;
-      const PlanarReduceBlock blk(g.S, VP);
-      const PlanarPieces pc(g, splits * blk.by, VP);
-      FASTBN_LAUNCH(static_cast<unsigned>(g.C * splits), dim3(blk.bx, blk.by), 0, env.stream,
-                    grad_reduce_planar_kernel<T, VP>)(dy, x, r, relu, g.N, g.C, g.S, splits, pc.pieces, pc.len, st,
-                                                      af, ws.a, ws.b);
+      FASTBN_LAUNCH(static_cast<unsigned>(g.C * splits), kThreads, 0, env.stream,
+                    grad_reduce_planar_kernel<T, decltype(v)::value>)(dy, x, r, relu, g.N, g.C, g.S, splits, st, af,
+                                                                     ws.a, ws.b);
     });
   }
   ReduceWorkspace<Acc> ws(workspace, splits, g.C);

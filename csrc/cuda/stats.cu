@@ -5,7 +5,8 @@
 //      merges their states in double, so that a float mean is rounded once, at the end
 //   2. finalize kernel: a warp per channel merges its splits' states (Chan, in double, fixed order)
 // The states are of the values minus a per-channel shift (bn_math.h stats_shift, from the
-// channel's first values), so that a large common offset costs no digits.
+// channel's first values), so that a large common offset costs no digits; the partial kernel
+// stores it in the workspace and the finalize adds it back.
 #include "common.cuh"
 
 namespace fastbn {
@@ -13,7 +14,7 @@ namespace cuda {
 
 namespace {
 
-// Exact statistics of V values (block_stats), merged into s.
+// Statistics of V values (block_stats), merged into s.
 template <int V, class Acc> __device__ __forceinline__ void welford_add_vec(WelfordState<Acc>& s, const Acc (&v)[V]) {
   if (V == 1) {
     welford_add(s, v[0]);
@@ -24,40 +25,46 @@ template <int V, class Acc> __device__ __forceinline__ void welford_add_vec(Welf
   s = chan_merge(s, b);
 }
 
-// Planar: block b handles channel c = b / splits. Its thread rows ty take units
-// u = split * by + ty, u += splits * by, where unit u is piece (u % pieces) of plane
-// n = u / pieces; the threads of a row walk the unit's positions, V values each.
+// Vectors a thread of a planar statistics tile loads before merging them (K * V, the values
+// merged at once, is a power of two: 16, or 32 for 16-byte half-precision vectors).
+template <int V> constexpr int stats_tile_vecs() { return V >= 4 ? 4 : 16 / V; }
+
+// Planar: block b handles channel c = b / splits, split b % splits of its tiles (planar_tiles);
+// a thread merges each whole tile's K * V values as one state (welford_add_vec).
 template <class T, int V>
 __global__ void __launch_bounds__(kThreads)
-    stats_planar_kernel(const T* __restrict__ x, int64_t N, int64_t C, int64_t S, int64_t splits, int64_t pieces,
-                        int64_t piece_len, int64_t* __restrict__ ws_n, double* __restrict__ ws_mean,
+    stats_planar_kernel(const T* __restrict__ x, int64_t N, int64_t C, int64_t S, int64_t splits,
+                        double* __restrict__ ws_shift, int64_t* __restrict__ ws_n, double* __restrict__ ws_mean,
                         double* __restrict__ ws_m2) {
   using Acc = acc_t<T>;
+  constexpr int K = stats_tile_vecs<V>();
   FASTBN_SHARED_ARRAY(shared, kThreads / 32, WelfordState<double>);
   const int64_t c = blockIdx.x / splits;
   const int64_t split = blockIdx.x % splits;
   const Acc shift = stats_shift<Acc>(N * S, [&](int j) { return to_acc(x[c * S + channel_value_offset(j, C, S)]); });
   WelfordState<Acc> st{0, Acc(0), Acc(0)};
-  const int64_t units = N * pieces;
-  const int64_t step = splits * blockDim.y;
-  for (int64_t u = split * blockDim.y + threadIdx.y; u < units; u += step) {
-    const int64_t n = u / pieces;
-    const int64_t s0 = (u % pieces) * piece_len;
-    const int64_t s1 = min(S, s0 + piece_len);
-    const T* p = x + (n * C + c) * S;
-#pragma unroll 4
-    for (int64_t s = s0 + static_cast<int64_t>(threadIdx.x) * V; s < s1; s += static_cast<int64_t>(blockDim.x) * V) {
-      Acc v[V];
-      load_acc<V>(p + s, v);
+  Acc v[K * V];  // a whole tile's values
+  planar_tiles<V, K>(
+      N, C, S, c, split, splits,
+      [&](int k, int64_t o) {
+        Acc w[V];
+        load_acc<V>(x + o, w);
 #pragma unroll
-      for (int i = 0; i < V; ++i) v[i] -= shift;
-      welford_add_vec<V>(st, v);
-    }
-  }
+        for (int i = 0; i < V; ++i) v[k * V + i] = w[i] - shift;
+      },
+      [&] { welford_add_vec<K * V>(st, v); },
+      [&](int64_t o) {
+        Acc w[V];
+        load_acc<V>(x + o, w);
+#pragma unroll
+        for (int i = 0; i < V; ++i) w[i] -= shift;
+        welford_add_vec<V>(st, w);
+      });
   const WelfordState<double> bs =
       block_merge(WelfordState<double>{st.n, static_cast<double>(st.mean), static_cast<double>(st.m2)}, shared);
   if (flat_tid() == 0) {
-    const int64_t k = split * C + c;
+    const int64_t k = partial_index(split, c, splits);
+    if (split == 0) ws_shift[c] = static_cast<double>(shift);
     ws_n[k] = bs.n;
     ws_mean[k] = bs.mean;
     ws_m2[k] = bs.m2;
@@ -71,8 +78,8 @@ __global__ void __launch_bounds__(kThreads)
 // Dynamic shared memory: blockDim.y * (blockDim.x * VC * 2 Acc + 1 int64).
 template <class T, int VC>
 __global__ void __launch_bounds__(kThreads)
-    stats_cl_kernel(const T* __restrict__ x, int64_t M, int64_t C, int64_t* __restrict__ ws_n,
-                    double* __restrict__ ws_mean, double* __restrict__ ws_m2) {
+    stats_cl_kernel(const T* __restrict__ x, int64_t M, int64_t C, double* __restrict__ ws_shift,
+                    int64_t* __restrict__ ws_n, double* __restrict__ ws_mean, double* __restrict__ ws_m2) {
   using Acc = acc_t<T>;
   FASTBN_DYNAMIC_SHARED(smem);
   const int bx = blockDim.x, by = blockDim.y, tx = threadIdx.x, ty = threadIdx.y;
@@ -82,13 +89,12 @@ __global__ void __launch_bounds__(kThreads)
   int64_t* sm_n = reinterpret_cast<int64_t*>(sm_m2 + by * width);
 
   const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * bx + tx) * VC;
-  Acc mean[VC], m2[VC];
+  Acc mean[VC], m2[VC], shift[VC];
 #pragma unroll
-  for (int i = 0; i < VC; ++i) mean[i] = m2[i] = Acc(0);
+  for (int i = 0; i < VC; ++i) mean[i] = m2[i] = shift[i] = Acc(0);
   int64_t n = 0;
   if (c0 < C) {
-    // The VC channels' shifts, a row of them at a time (the finalize's stats_shift bit for bit).
-    Acc shift[VC];
+    // The VC channels' shifts, a row of them at a time (stats_shift's bits).
     stats_shifts<VC>(M, [&](int j, Acc (&v)[VC]) { load_acc<VC>(x + j * C + c0, v); }, shift);
     for (int64_t m = static_cast<int64_t>(blockIdx.y) * by + ty; m < M; m += static_cast<int64_t>(gridDim.y) * by) {
       Acc v[VC];
@@ -138,7 +144,8 @@ __global__ void __launch_bounds__(kThreads)
   if (ty == 0 && c0 < C) {
 #pragma unroll
     for (int i = 0; i < VC; ++i) {
-      const int64_t k = static_cast<int64_t>(blockIdx.y) * C + c0 + i;
+      const int64_t k = partial_index(blockIdx.y, c0 + i, gridDim.y);
+      if (blockIdx.y == 0) ws_shift[c0 + i] = static_cast<double>(shift[i]);
       ws_n[k] = sm_n[0];
       ws_mean[k] = sm_mean[tx * VC + i];
       ws_m2[k] = sm_m2[tx * VC + i];
@@ -149,15 +156,12 @@ __global__ void __launch_bounds__(kThreads)
 // A warp per channel (threadIdx.y): lane l merges partials l, l + 32, ... in order (in
 // double; kFinalizeBatch of them loaded at a time), then the lanes merge in a fixed shuffle
 // tree; the order depends on `splits` alone. The partials are of the values minus the
-// channel's shift (stats_shift of its first values: x[c * S], S = shift_stride the plane size,
-// or 1 for channels-last), added back here.
-template <class T>
-__global__ void stats_finalize_kernel(const int64_t* __restrict__ ws_n, const double* __restrict__ ws_mean,
-                                      const double* __restrict__ ws_m2, int64_t splits, int64_t C,
-                                      const T* __restrict__ x, int64_t shift_stride, acc_t<T> eps,
-                                      acc_t<T>* __restrict__ mean, acc_t<T>* __restrict__ var,
-                                      acc_t<T>* __restrict__ invstd) {
-  using Acc = acc_t<T>;
+// channel's shift (ws_shift, stored by the partial kernel), added back here.
+template <class Acc>
+__global__ void stats_finalize_kernel(const double* __restrict__ ws_shift, const int64_t* __restrict__ ws_n,
+                                      const double* __restrict__ ws_mean, const double* __restrict__ ws_m2,
+                                      int64_t splits, int64_t C, Acc eps, Acc* __restrict__ mean,
+                                      Acc* __restrict__ var, Acc* __restrict__ invstd) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   if (c >= C) return;  // the whole warp
   WelfordState<double> s{0, 0.0, 0.0};
@@ -168,7 +172,7 @@ __global__ void stats_finalize_kernel(const int64_t* __restrict__ ws_n, const do
     double pmean[kFinalizeBatch], pm2[kFinalizeBatch];
 #pragma unroll
     for (int j = 0; j < kFinalizeBatch; ++j) {
-      const int64_t i = min(k0 + 32 * j, splits - 1) * C + c;
+      const int64_t i = partial_index(min(k0 + 32 * j, splits - 1), c, splits);
       pn[j] = ws_n[i];
       pmean[j] = ws_mean[i];
       pm2[j] = ws_m2[i];
@@ -182,18 +186,14 @@ __global__ void stats_finalize_kernel(const int64_t* __restrict__ ws_n, const do
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) s = chan_merge(s, shfl_down(s, off));
   if (threadIdx.x != 0) return;
-  const int64_t S = shift_stride;
-  add_shift(s, static_cast<double>(
-                   stats_shift<Acc>(s.n, [&](int j) { return to_acc(x[c * S + channel_value_offset(j, C, S)]); })));
+  add_shift(s, ws_shift[c]);
   finalize_stats(s, eps, mean, var, invstd, c);
 }
 
 template <class T, int V>
 void launch_planar(const Geometry& g, const T* x, ReduceWorkspace<double>& ws, int64_t splits, cudaStream_t stream) {
-  const PlanarReduceBlock blk(g.S, V);
-  const PlanarPieces pc(g, splits * blk.by, V);
-  FASTBN_LAUNCH(static_cast<unsigned>(g.C * splits), dim3(blk.bx, blk.by), 0, stream, stats_planar_kernel<T, V>)(
-      x, g.N, g.C, g.S, splits, pc.pieces, pc.len, ws.n, ws.a, ws.b);
+  FASTBN_LAUNCH(static_cast<unsigned>(g.C * splits), kThreads, 0, stream, stats_planar_kernel<T, V>)(
+      x, g.N, g.C, g.S, splits, ws.shift, ws.n, ws.a, ws.b);
 }
 
 template <class T, int VC>
@@ -202,7 +202,7 @@ void launch_cl(const Geometry& g, const T* x, ReduceWorkspace<double>& ws, int64
   const dim3 grid(static_cast<unsigned>(blk.grid_x), static_cast<unsigned>(splits));
   const dim3 block(blk.bx, blk.by);
   const size_t smem = static_cast<size_t>(blk.by) * (blk.bx * VC * 2 * sizeof(acc_t<T>) + sizeof(int64_t));
-  FASTBN_LAUNCH(grid, block, smem, stream, stats_cl_kernel<T, VC>)(x, g.rows(), g.C, ws.n, ws.a, ws.b);
+  FASTBN_LAUNCH(grid, block, smem, stream, stats_cl_kernel<T, VC>)(x, g.rows(), g.C, ws.shift, ws.n, ws.a, ws.b);
 }
 
 }  // namespace
@@ -232,8 +232,8 @@ cudaError_t launch_stats(const Geometry& g, const T* x, acc_t<T>* mean, acc_t<T>
   }
   ReduceWorkspace<double> ws(workspace, splits, g.C);
   FASTBN_LAUNCH(static_cast<unsigned>(ceil_div(g.C, kFinalizeChannels)), dim3(32, kFinalizeChannels), 0, env.stream,
-                stats_finalize_kernel<T>)(
-      ws.n, ws.a, ws.b, splits, g.C, x, g.channels_last ? int64_t(1) : g.S, static_cast<Acc>(eps), mean, var, invstd);
+                stats_finalize_kernel<Acc>)(ws.shift, ws.n, ws.a, ws.b, splits, g.C, static_cast<Acc>(eps), mean, var,
+                                            invstd);
   return cudaGetLastError();
 }
 
