@@ -6,9 +6,11 @@
 #     on the CPU) and the test suite's packages.
 #  2. A copy of this checkout (tracked and untracked-but-not-ignored files) in FASTBN_CUDA_WORK
 #     (default /tmp/fastbn-cuda-build), so the CPU build in the checkout is left alone.
-#  3. The build: FASTBN_CUDA=1, sm_80 and sm_90, `-Xptxas -v`; the whole log is kept in the
+#  3. Every .cu file through plain nvcc (to PTX for sm_90, without torch's flags: no torch
+#     header, no --expt-relaxed-constexpr), so the kernels stay buildable outside PyTorch.
+#  4. The build: FASTBN_CUDA=1, sm_80 and sm_90, `-Xptxas -v`; the whole log is kept in the
 #     work dir, the per-kernel registers/stack/spills are printed (scripts/ptxas_report.py).
-#  4. The module imports, `fastbn.built_with_cuda()` is True, and the test suite runs against
+#  5. The module imports, `fastbn.built_with_cuda()` is True, and the test suite runs against
 #     this build with FASTBN_EXPECT_CUDA=1 (tests/test_build.py then requires a CUDA kernel for
 #     every op; CUDA tests skip without a GPU; tests/test_models.py trains torchvision's
 #     resnet18). The CUDA emulator tests are left out: they build their own module from the
@@ -54,6 +56,14 @@ git ls-files -z --cached --others --exclude-standard | while IFS= read -r -d '' 
   [ -e "$f" ] && printf '%s\0' "$f"
 done | xargs -0 cp --parents -t "$WORK/src"
 cd "$WORK/src"
+
+step "plain nvcc --ptx -arch=sm_90 (no torch flags): csrc/cuda/*.cu"
+for f in csrc/cuda/*.cu; do
+  if ! "$NVCC" --ptx -std=c++17 -arch=sm_90 -I csrc "$f" -o /dev/null; then
+    echo "ci_cuda_build: FAILED: $f does not compile with plain nvcc"
+    exit 1
+  fi
+done
 
 step "build: FASTBN_CUDA=1 TORCH_CUDA_ARCH_LIST='$ARCHS' -Xptxas -v (CUDA_HOME=$CUDA_HOME)"
 log=$WORK/build.log

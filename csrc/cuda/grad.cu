@@ -18,23 +18,37 @@ template <int V, class T, class Acc> __device__ __forceinline__ void load_residu
   }
 }
 
-// Accumulates V values: s1 += dy_eff, s2 += dy_eff * (x - mean).
+// The V values of dy, x and r (0 without r) at element offset off.
+template <int V, class T, class Acc>
+__device__ __forceinline__ void load_grad_operands(const T* __restrict__ dy, const T* __restrict__ x,
+                                                   const T* __restrict__ r, int64_t off, Acc (&g)[V], Acc (&v)[V],
+                                                   Acc (&res)[V]) {
+  load_acc<V>(dy + off, g);
+  load_acc<V>(x + off, v);
+  load_residual<V>(r, off, res);
+}
+
+// Accumulates V loaded values: s1 += dy_eff, s2 += dy_eff * (x - mean).
+template <int V, class Acc>
+__device__ __forceinline__ void sums_add(const Acc (&g)[V], const Acc (&v)[V], const Acc (&res)[V], bool has_r,
+                                         bool relu, const FwdCoef<Acc> (&k)[V], Acc (&s1)[V], Acc (&s2)[V]) {
+#pragma unroll
+  for (int i = 0; i < V; ++i)
+    grad_sums_add(s1[i], s2[i], effective_dy(g[i], v[i], k[i], res[i], has_r, relu), v[i], k[i].mean);
+}
+
+// Loads and accumulates the V values at element offset off.
 template <int V, class T, class Acc>
 __device__ __forceinline__ void sums_vec(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ r,
                                          bool relu, const FwdCoef<Acc> (&k)[V], int64_t off, Acc (&s1)[V],
                                          Acc (&s2)[V]) {
   Acc g[V], v[V], res[V];
-  load_acc<V>(dy + off, g);
-  load_acc<V>(x + off, v);
-  load_residual<V>(r, off, res);
-#pragma unroll
-  for (int i = 0; i < V; ++i) {
-    grad_sums_add(s1[i], s2[i], effective_dy(g[i], v[i], k[i], res[i], r != nullptr, relu), v[i], k[i].mean);
-  }
+  load_grad_operands<V>(dy, x, r, off, g, v, res);
+  sums_add<V>(g, v, res, r != nullptr, relu, k, s1, s2);
 }
 
 // Vectors of each tensor a thread of a planar backward-sum tile loads before using them.
-template <int V> constexpr int grad_tile_vecs() { return V >= 4 ? 2 : 8 / V; }
+template <int V> constexpr int kGradTileVecs = V >= 4 ? 2 : 8 / V;
 
 // Planar: block b handles channel c = b / splits, split b % splits of its tiles (planar_tiles).
 template <class T, int V>
@@ -43,7 +57,7 @@ __global__ void __launch_bounds__(kThreads)
                               int64_t N, int64_t C, int64_t S, int64_t splits, ChannelStats<acc_t<T>> st,
                               Affine<acc_t<T>> af, acc_t<T>* __restrict__ ws_a, acc_t<T>* __restrict__ ws_b) {
   using Acc = acc_t<T>;
-  constexpr int K = grad_tile_vecs<V>();
+  constexpr int K = kGradTileVecs<V>;
   FASTBN_SHARED_ARRAY(shared, 2 * (kThreads / 32), Acc);
   const int64_t c = blockIdx.x / splits;
   const int64_t split = blockIdx.x % splits;
@@ -58,18 +72,10 @@ __global__ void __launch_bounds__(kThreads)
   Acc g[K][V], v[K][V], res[K][V];  // a whole tile's values: every load first, then the sums
   planar_tiles<V, K>(
       N, C, S, c, split, splits,
-      [&](int j, int64_t o) {
-        load_acc<V>(dy + o, g[j]);
-        load_acc<V>(x + o, v[j]);
-        load_residual<V>(r, o, res[j]);
-      },
+      [&](int j, int64_t o) { load_grad_operands<V>(dy, x, r, o, g[j], v[j], res[j]); },
       [&] {
 #pragma unroll
-        for (int j = 0; j < K; ++j)
-#pragma unroll
-          for (int i = 0; i < V; ++i)
-            grad_sums_add(s1[i], s2[i], effective_dy(g[j][i], v[j][i], k[i], res[j][i], r != nullptr, relu), v[j][i],
-                          k[i].mean);
+        for (int j = 0; j < K; ++j) sums_add<V>(g[j], v[j], res[j], r != nullptr, relu, k, s1, s2);
       },
       [&](int64_t o) { sums_vec<V>(dy, x, r, relu, k, o, s1, s2); });
   Acc a = 0, b = 0;
@@ -178,9 +184,7 @@ __device__ __forceinline__ void grad_vec(const T* __restrict__ dy, const T* __re
                                          bool relu, const FwdCoef<Acc> (&k)[V], const BwdCoef<Acc> (&gk)[V],
                                          int64_t off, T* __restrict__ dx, T* __restrict__ dr) {
   Acc g[V], v[V], res[V];
-  load_acc<V>(dy + off, g);
-  load_acc<V>(x + off, v);
-  load_residual<V>(r, off, res);
+  load_grad_operands<V>(dy, x, r, off, g, v, res);
 #pragma unroll
   for (int i = 0; i < V; ++i) g[i] = effective_dy(g[i], v[i], k[i], res[i], r != nullptr, relu);
   if (dr) store_acc<V>(dr + off, g);

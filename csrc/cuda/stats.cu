@@ -27,7 +27,7 @@ template <int V, class Acc> __device__ __forceinline__ void welford_add_vec(Welf
 
 // Vectors a thread of a planar statistics tile loads before merging them (K * V, the values
 // merged at once, is a power of two: 16, or 32 for 16-byte half-precision vectors).
-template <int V> constexpr int stats_tile_vecs() { return V >= 4 ? 4 : 16 / V; }
+template <int V> constexpr int kStatsTileVecs = V >= 4 ? 4 : 16 / V;
 
 // Planar: block b handles channel c = b / splits, split b % splits of its tiles (planar_tiles);
 // a thread merges each whole tile's K * V values as one state (welford_add_vec).
@@ -37,27 +37,30 @@ __global__ void __launch_bounds__(kThreads)
                         double* __restrict__ ws_shift, int64_t* __restrict__ ws_n, double* __restrict__ ws_mean,
                         double* __restrict__ ws_m2) {
   using Acc = acc_t<T>;
-  constexpr int K = stats_tile_vecs<V>();
+  constexpr int K = kStatsTileVecs<V>;
   FASTBN_SHARED_ARRAY(shared, kThreads / 32, WelfordState<double>);
   const int64_t c = blockIdx.x / splits;
   const int64_t split = blockIdx.x % splits;
   const Acc shift = stats_shift<Acc>(N * S, [&](int j) { return to_acc(x[c * S + channel_value_offset(j, C, S)]); });
   WelfordState<Acc> st{0, Acc(0), Acc(0)};
+  const auto load_shifted = [&](int64_t o, Acc(&w)[V]) {  // the V values at o, minus the shift
+    load_acc<V>(x + o, w);
+#pragma unroll
+    for (int i = 0; i < V; ++i) w[i] -= shift;
+  };
   Acc v[K * V];  // a whole tile's values
   planar_tiles<V, K>(
       N, C, S, c, split, splits,
       [&](int k, int64_t o) {
         Acc w[V];
-        load_acc<V>(x + o, w);
+        load_shifted(o, w);
 #pragma unroll
-        for (int i = 0; i < V; ++i) v[k * V + i] = w[i] - shift;
+        for (int i = 0; i < V; ++i) v[k * V + i] = w[i];
       },
       [&] { welford_add_vec<K * V>(st, v); },
       [&](int64_t o) {
         Acc w[V];
-        load_acc<V>(x + o, w);
-#pragma unroll
-        for (int i = 0; i < V; ++i) w[i] -= shift;
+        load_shifted(o, w);
         welford_add_vec<V>(st, w);
       });
   const WelfordState<double> bs =
