@@ -8,18 +8,20 @@ which PyTorch BatchNorm kernel eager runs there (cudnn, miopen or native), then 
 and torch eager on the same inputs. A second pass then times ``torch.compile``d torch
 BatchNorm on the rows the compile policy selects, so that a time budget is spent on the
 fastbn and eager columns first. It reports the speedups and fastbn's achieved bandwidth as a
-fraction of the device-to-device copy bandwidth measured at the start of the run. A result
+fraction of the device-to-device copy bandwidth measured at the start of the run, and, for a
+tiny group of inputs where the kernels take no time to speak of, the per-call overhead. A result
 that does not match is reported as FAIL (never as a time) and makes the exit status non-zero.
 
     python benchmarks/bench.py                      # default grid, on CUDA when available
     python benchmarks/bench.py --device cpu --quick # a handful of small cases
     python benchmarks/bench.py --shapes bn1d --dtype bf16 --modes fwdbwd
+    python benchmarks/bench.py --tiny               # only the tiny group: per-call overhead
     python benchmarks/bench.py --budget-s 600       # start no row after 10 minutes; report those run
     python benchmarks/bench.py --compile-policy fwdbwd  # compile column: all|fwdbwd|fwdbwd-float32|none
                                                     # (--compile-all = all, --no-compile = none)
 
 Output: the table and a summary on stdout, and
-``<out-dir>/<device>-<YYYY-MM-DD>[-quick][-<tag>].json``, ``.csv`` and ``.png``.
+``<out-dir>/<device>-<YYYY-MM-DD>[-quick][-tiny][-<tag>].json``, ``.csv`` and ``.png``.
 See benchmarks/README.md for what each column means.
 
 This file is only the entry point: the code is the package benchmarks/fastbn_bench/ (cases,

@@ -441,13 +441,28 @@ template <class V> FASTBN_HD V grad_input(V dy, V x, const BwdCoef<V>& k) {
 
 // ---------------------------------------------------------------- running statistics
 // PyTorch's convention: new = (1 - f) * old + f * batch, variance unbiased (m / (m - 1)).
-// `count` >= 2 (the caller skips the update for count == 0).
+// `count` > 0 (a count of 1, possible only across SyncBatchNorm's ranks, gives an infinite or
+// NaN running variance, as in PyTorch).
 template <class Acc>
 FASTBN_HD void running_update(Acc& running_mean, Acc& running_var, Acc mean, Acc var_biased, Acc momentum,
                               int64_t count) {
   const Acc unbiased = var_biased * (static_cast<Acc>(count) / static_cast<Acc>(count - 1));
   running_mean = madd(momentum, mean, (Acc(1) - momentum) * running_mean);
   running_var = madd(momentum, unbiased, (Acc(1) - momentum) * running_var);
+}
+
+// The factor of a running-statistics update (see RunningStats); 1 / batches is taken in
+// double and rounded once, as PyTorch's 1.0 / float(num_batches_tracked) is.
+template <class Acc> FASTBN_HD Acc running_factor(const RunningStats<Acc>& r) {
+  return static_cast<Acc>(r.batches ? 1.0 / static_cast<double>(*r.batches) : r.momentum);
+}
+
+// Channel c's running statistics after a batch of `count` values per channel with the given
+// mean and biased variance; no update when r has none or count == 0.
+template <class Acc>
+FASTBN_HD void update_running(const RunningStats<Acc>& r, int64_t c, Acc mean, Acc var_biased, int64_t count) {
+  if (r.mean == nullptr || count == 0) return;
+  running_update(r.mean[c], r.var[c], mean, var_biased, running_factor(r), count);
 }
 
 }  // namespace fastbn

@@ -41,4 +41,15 @@ template <class Acc> struct Affine {
   const Acc* bias = nullptr;
 };
 
+// Running statistics updated in place by a training forward or merge_stats (acc_t, length C;
+// mean == nullptr: no update). The update's factor is `momentum`, or 1 / *batches when
+// `batches` is set: num_batches_tracked, already incremented for this batch (momentum=None,
+// the cumulative average), read on the device.
+template <class Acc> struct RunningStats {
+  Acc* mean = nullptr;
+  Acc* var = nullptr;
+  const int64_t* batches = nullptr;
+  double momentum = 0.0;
+};
+
 }  // namespace fastbn

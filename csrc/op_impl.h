@@ -5,13 +5,15 @@
 //
 // A Backend provides (all per-channel tensors: accumulation dtype, contiguous, [C]):
 //   batch_stats(g, x, mean, var)                                     mean, biased var
-//   forward_train(o, y, mean, invstd, var)                           stats + normalise (o.mean unset)
+//   forward_train(o, y, mean, invstd, var, run)                      stats + normalise + running update
 //   normalize(o, y)                                                  y from o's statistics
 //   backward(o, dy, training, sums, sum_dy, sum_dy_xhat, dx, dr)     fused reduce (if sums) + elementwise
 //   grad_input(o, dy, sum_dy, sum_dy_xhat, count, dx, dr)            training elementwise part alone
-//   update_running_stats(rm, rv, mean, var, momentum, count)
-//   merge_stats(counts, means, vars, eps, mean, invstd, var)
+//   merge_stats(counts, means, vars, eps, mean, invstd, var, total, run)
+//   count_batch(num_batches_tracked)                                 += 1, in place
 // dx / dr may be undefined (not wanted); the backward sums are written when `sums` is true.
+// `run` (Running) holds the running statistics to update, if any; `count` and `total` are
+// one-element int64 tensors on the device (read / written there, never on the host).
 #pragma once
 #include <ATen/ATen.h>
 
@@ -22,6 +24,7 @@
 #include <tuple>
 
 #include "checks.h"
+#include "dispatch.h"
 
 namespace fastbn {
 
@@ -40,6 +43,77 @@ struct Operands {
 
 using Opt = std::optional<at::Tensor>;
 using Tensor4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// The running statistics an op updates (see RunningStats in bn_types.h): [C] accumulation-
+// dtype contiguous tensors, undefined when there is no update; `batches` is
+// num_batches_tracked when the factor is 1 / num_batches_tracked (momentum None).
+struct Running {
+  at::Tensor mean, var, batches;
+  double momentum = 0.0;
+  template <class Acc> RunningStats<Acc> view() const {
+    return RunningStats<Acc>{mptr<Acc>(mean), mptr<Acc>(var), cptr<int64_t>(batches), momentum};
+  }
+};
+
+// The running-statistics arguments of forward_train and merge_stats, checked (check_running)
+// before anything is written, then applied around the kernels: begin() increments
+// num_batches_tracked and returns the tensors the kernels update (the running statistics
+// themselves when they are contiguous in the accumulation dtype, else copies), end() writes
+// copies back.
+class RunningArgs {
+ public:
+  RunningArgs() = default;
+  RunningArgs(const Opt& mean, const Opt& var, const Opt& batches, std::optional<double> momentum, at::ScalarType acc,
+              const at::Device& device, int64_t C)
+      : acc_(acc), C_(C), momentum_(momentum) {
+    const bool has_mean = mean.has_value() && mean->defined(), has_var = var.has_value() && var->defined();
+    TORCH_CHECK_VALUE(has_mean == has_var, "fastbn: running_mean and running_var must both be given or both be None");
+    if (has_mean) {
+      mean_ = *mean;
+      var_ = *var;
+      for (const at::Tensor* t : {&mean_, &var_}) {
+        const char* name = t == &mean_ ? "running_mean" : "running_var";
+        TORCH_CHECK(t->numel() == C, name, " should contain ", C, " elements not ", t->numel());
+        TORCH_CHECK(t->device() == device, "Expected all tensors to be on the same device, but found at least two ",
+                    "devices, ", device, " and ", t->device(), "! (fastbn: ", name, " is on ", t->device(), ")");
+        TORCH_CHECK(at::isFloatingType(t->scalar_type()), "fastbn: ", name, " must be floating point, got ",
+                    at::toString(t->scalar_type()));
+      }
+    }
+    if (batches.has_value() && batches->defined()) {
+      batches_ = *batches;
+      TORCH_CHECK(batches_.numel() == 1 && batches_.scalar_type() == at::kLong && batches_.device() == device,
+                  "fastbn: num_batches_tracked must be a one-element int64 tensor on ", device, ", got ",
+                  at::toString(batches_.scalar_type()), " of ", batches_.numel(), " elements on ", batches_.device());
+    }
+    TORCH_CHECK_VALUE(!has_mean || momentum.has_value() || batches_.defined(),
+                      "fastbn: momentum=None (cumulative average) needs num_batches_tracked");
+  }
+
+  // After every check of the op: the state changes from here on.
+  template <class K> Running begin() {
+    if (batches_.defined()) K::count_batch(batches_);
+    Running r;
+    if (!mean_.defined()) return r;
+    r.mean = direct(mean_) ? mean_ : at::empty({C_}, mean_.options().dtype(acc_)).copy_(mean_.reshape({C_}));
+    r.var = direct(var_) ? var_ : at::empty({C_}, var_.options().dtype(acc_)).copy_(var_.reshape({C_}));
+    if (momentum_.has_value()) r.momentum = *momentum_;
+    else r.batches = batches_;
+    return r;
+  }
+  void end(const Running& r) {
+    if (!mean_.defined()) return;
+    if (!r.mean.is_same(mean_)) mean_.copy_(r.mean.view(mean_.sizes()));
+    if (!r.var.is_same(var_)) var_.copy_(r.var.view(var_.sizes()));
+  }
+
+ private:
+  bool direct(const at::Tensor& t) const { return t.scalar_type() == acc_ && t.is_contiguous(); }
+  at::Tensor mean_, var_, batches_;
+  at::ScalarType acc_ = at::kFloat;
+  int64_t C_ = 0;
+  std::optional<double> momentum_;
+};
 
 inline at::Tensor acc_empty(const at::Tensor& input, int64_t C) {
   return at::empty({C}, input.options().dtype(acc_dtype(input.scalar_type())));
@@ -84,21 +158,28 @@ inline void set_running_stats(Operands& o, const at::Tensor& input, const at::Te
 }
 
 template <class K>
-Tensor4 forward_train(const at::Tensor& input, const Opt& weight, const Opt& bias, const Opt& residual, double eps,
-                      bool relu) {
-  Operands o = prepare(input, weight, bias, residual, relu);
+Tensor4 forward_train(const at::Tensor& input, const Opt& weight, const Opt& bias, const Opt& residual,
+                      const Opt& running_mean, const Opt& running_var, const Opt& num_batches_tracked,
+                      std::optional<double> momentum, double eps, bool relu) {
+  RunningArgs running;
+  Operands o = prepare(input, weight, bias, residual, relu, [&](Operands& p) {
+    running = RunningArgs(running_mean, running_var, num_batches_tracked, momentum, acc_dtype(input.scalar_type()),
+                          input.device(), p.g.C);
+  });
   check_eps(eps, /*training=*/true);
   check_train_count(input);
   o.eps = eps;
   at::Tensor y = empty_like_canonical(o.x);
   at::Tensor mean = acc_empty(input, o.g.C), invstd = acc_empty(input, o.g.C), var = acc_empty(input, o.g.C);
+  Running run = running.template begin<K>();
   if (o.g.numel() == 0) {
     mean.zero_();
     var.zero_();
     invstd.fill_(1.0 / std::sqrt(eps));
   } else {
-    K::forward_train(o, y, mean, invstd, var);
+    K::forward_train(o, y, mean, invstd, var, run);
   }
+  running.end(run);
   return {y, mean, invstd, var};
 }
 
@@ -110,44 +191,6 @@ at::Tensor forward_eval(const at::Tensor& input, const at::Tensor& running_mean,
   at::Tensor y = empty_like_canonical(o.x);
   if (o.g.numel() > 0) K::normalize(o, y);
   return y;
-}
-
-template <class K>
-void update_running_stats(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean,
-                          const at::Tensor& var, double momentum, int64_t count) {
-  TORCH_CHECK(mean.defined() && var.defined() && mean.dim() == 1 && var.sizes() == mean.sizes(),
-              "fastbn: update_running_stats expects 1-D batch mean and var of equal size");
-  TORCH_CHECK(mean.scalar_type() == at::kFloat || mean.scalar_type() == at::kDouble,
-              "fastbn: batch mean must be float or double, got ", at::toString(mean.scalar_type()));
-  TORCH_CHECK(var.scalar_type() == mean.scalar_type(), "fastbn: batch var must have the batch mean's dtype");
-  const int64_t C = mean.numel();
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&running_mean, &running_var, &var}) {
-    TORCH_CHECK(t->device() == mean.device(),
-                "Expected all tensors to be on the same device, but found at least two devices, ", mean.device(),
-                " and ", t->device(), "!");
-  }
-  TORCH_CHECK(running_mean.numel() == C, "running_mean should contain ", C, " elements not ", running_mean.numel());
-  TORCH_CHECK(running_var.numel() == C, "running_var should contain ", C, " elements not ", running_var.numel());
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&running_mean, &running_var}) {
-    TORCH_CHECK(at::isFloatingType(t->scalar_type()), "fastbn: running statistics must be floating point, got ",
-                at::toString(t->scalar_type()));
-  }
-  TORCH_CHECK_VALUE(count >= 0, "fastbn: count must be non-negative, got ", count);
-  TORCH_CHECK_VALUE(count != 1, "Expected more than 1 value per channel when training, got count 1");
-  if (count == 0 || C == 0) return;
-  const at::ScalarType acc = mean.scalar_type();
-  const bool direct = running_mean.scalar_type() == acc && running_var.scalar_type() == acc &&
-                      running_mean.is_contiguous() && running_var.is_contiguous();
-  if (direct) {
-    K::update_running_stats(running_mean, running_var, mean.contiguous(), var.contiguous(), momentum, count);
-    return;
-  }
-  // Other dtype or strides: compute both in the accumulation dtype, then write both back.
-  at::Tensor rm = running_mean.reshape({C}).to(acc).contiguous().clone();
-  at::Tensor rv = running_var.reshape({C}).to(acc).contiguous().clone();
-  K::update_running_stats(rm, rv, mean.contiguous(), var.contiguous(), momentum, count);
-  running_mean.copy_(rm.view(running_mean.sizes()));
-  running_var.copy_(rv.view(running_var.sizes()));
 }
 
 // Shared body of the two backward ops.
@@ -213,8 +256,9 @@ std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& input) {
 }
 
 template <class K>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_stats(const at::Tensor& counts, const at::Tensor& means,
-                                                            const at::Tensor& vars, double eps) {
+Tensor4 merge_stats(const at::Tensor& counts, const at::Tensor& means, const at::Tensor& vars,
+                    const Opt& running_mean, const Opt& running_var, const Opt& num_batches_tracked,
+                    std::optional<double> momentum, double eps) {
   TORCH_CHECK(means.dim() == 2 && vars.sizes() == means.sizes(),
               "fastbn: merge_stats expects means and vars of shape [world, C], got ", means.sizes(), " and ",
               vars.sizes());
@@ -230,12 +274,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_stats(const at::Tensor& cou
   }
   check_eps(eps, /*training=*/true);
   const int64_t C = means.size(1);
+  RunningArgs running(running_mean, running_var, num_batches_tracked, momentum, means.scalar_type(), means.device(),
+                      C);
   at::Tensor mean = at::empty({C}, means.options()), invstd = at::empty({C}, means.options()),
              var = at::empty({C}, means.options());
+  const at::Tensor n = counts.to(at::kLong).contiguous();
+  Running run = running.template begin<K>();
+  at::Tensor total;
   if (C > 0) {
-    K::merge_stats(counts.to(at::kLong).contiguous(), means.contiguous(), vars.contiguous(), eps, mean, invstd, var);
+    total = at::empty({}, n.options());
+    K::merge_stats(n, means.contiguous(), vars.contiguous(), eps, mean, invstd, var, total, run);
+  } else {
+    total = n.sum();
   }
-  return {mean, invstd, var};
+  running.end(run);
+  return {mean, invstd, var, total};
 }
 
 template <class K>
@@ -273,18 +326,22 @@ std::tuple<at::Tensor, at::Tensor> backward_elemt(const at::Tensor& grad_out, co
                                                   const at::Tensor& mean, const at::Tensor& invstd,
                                                   const Opt& weight, const Opt& bias, const Opt& residual, bool relu,
                                                   const at::Tensor& sum_dy, const at::Tensor& sum_dy_xhat,
-                                                  int64_t count, std::array<bool, 2> mask) {
+                                                  const at::Tensor& count, std::array<bool, 2> mask) {
   Operands o = prepare(input, weight, bias, residual, relu);
   set_stats(o, input, mean, invstd, "mean", "invstd");
   at::Tensor sdy = channel_param(sum_dy, "sum_dy", input, o.g.C);
   at::Tensor sdx = channel_param(sum_dy_xhat, "sum_dy_xhat", input, o.g.C);
-  TORCH_CHECK_VALUE(count >= 0, "fastbn: count must be non-negative, got ", count);
+  TORCH_CHECK(count.numel() == 1 && count.device() == input.device() && !at::isFloatingType(count.scalar_type()) &&
+                  !at::isComplexType(count.scalar_type()),
+              "fastbn: count must be a one-element integer tensor on ", input.device(), ", got ",
+              at::toString(count.scalar_type()), " of ", count.numel(), " elements on ", count.device());
+  const at::Tensor n = count.to(at::kLong).reshape({1}).contiguous();
   at::Tensor dy = like_input(grad_out, "grad_out", input, o.x, o.g);
   TORCH_CHECK(dy.defined(), "fastbn: grad_out is undefined");
   const bool want_dr = mask[1] && o.relu && o.residual.defined();
   at::Tensor dx = mask[0] ? empty_like_canonical(o.x) : at::Tensor();
   at::Tensor dr = want_dr ? empty_like_canonical(o.x) : at::Tensor();
-  if (o.g.numel() > 0 && (dx.defined() || dr.defined())) K::grad_input(o, dy, sdy, sdx, count, dx, dr);
+  if (o.g.numel() > 0 && (dx.defined() || dr.defined())) K::grad_input(o, dy, sdy, sdx, n, dx, dr);
   return {mask[0] ? dx : unused_output(input), want_dr ? dr : unused_output(input)};
 }
 
@@ -293,7 +350,6 @@ std::tuple<at::Tensor, at::Tensor> backward_elemt(const at::Tensor& grad_out, co
   TORCH_LIBRARY_IMPL(fastbn, KEY, m) {                                           \
     m.impl("forward_train", &::fastbn::forward_train<K>);                        \
     m.impl("forward_eval", &::fastbn::forward_eval<K>);                          \
-    m.impl("update_running_stats", &::fastbn::update_running_stats<K>);          \
     m.impl("backward_train", &::fastbn::backward_train<K>);                      \
     m.impl("backward_eval", &::fastbn::backward_eval<K>);                        \
     m.impl("batch_stats", &::fastbn::batch_stats<K>);                            \

@@ -7,40 +7,51 @@ torch's ``_BatchNorm`` (not ``BatchNorm2d``, so code that folds plain BatchNorm 
 convolutions does not mistake them for one) and keep the same state_dict keys."""
 import torch
 
-from . import functional as _F
 
 
-def running_stats_factor(module):
-    """(tracking, factor): whether this training call updates the running statistics, and
-    the weight of the batch statistics in that update (PyTorch's convention; with
-    momentum=None, the cumulative average over the batches seen, this one included)."""
-    tracking = module.training and module.track_running_stats and module.num_batches_tracked is not None
-    if tracking and module.momentum is None:
-        return tracking, 1.0 / float(module.num_batches_tracked + 1)
-    return tracking, 0.0 if module.momentum is None else module.momentum
+from ._ops import ops
+
+_forward_train = ops.forward_train.default
+_forward_eval = ops.forward_eval.default
+
+
+def _param(module, name):
+    """module.<name> without nn.Module.__getattr__'s slow path where the parameter is
+    registered (a parametrized one is a property, found the usual way)."""
+    params = module._parameters
+    return params[name] if name in params else getattr(module, name)
+
+
+def running_args(module):
+    """(running_mean, running_var, num_batches_tracked, momentum) for a training call of
+    `module`, PyTorch's convention: the buffers when it tracks running statistics (else None),
+    and momentum None (the cumulative average over the batches seen, this one included) only
+    where num_batches_tracked is there to count them (else 0.0, as PyTorch's factor)."""
+    if not module.track_running_stats:
+        return None, None, None, 0.0
+    buffers = module._buffers
+    nbt = buffers.get("num_batches_tracked")
+    momentum = module.momentum
+    if momentum is None and nbt is None:
+        momentum = 0.0
+    return buffers.get("running_mean"), buffers.get("running_var"), nbt, momentum
 
 
 def _forward(module, input, residual=None, activation=None):
+    """One op call: the training forward (running statistics updated, num_batches_tracked
+    incremented, inside the op and only once every check has passed), or the evaluation
+    forward; batch statistics in eval too when the module keeps no running statistics."""
     module._check_input_dim(input)
-    tracking, factor = running_stats_factor(module)
-    # Batch statistics in training, and in eval when no running statistics are kept.
-    bn_training = module.training or (module.running_mean is None and module.running_var is None)
-    use_buffers = not module.training or module.track_running_stats
-    out = _F.batch_norm(
-        input,
-        module.running_mean if use_buffers else None,
-        module.running_var if use_buffers else None,
-        module.weight,
-        module.bias,
-        bn_training,
-        factor,
-        module.eps,
-        activation=activation,
-        residual=residual,
-    )
-    if tracking:  # only after success: a rejected input changes no state
-        module.num_batches_tracked.add_(1)
-    return out
+    relu = activation == "relu"
+    weight, bias = _param(module, "weight"), _param(module, "bias")
+    if module.training:
+        rm, rv, nbt, momentum = running_args(module)
+        return _forward_train(input, weight, bias, residual, rm, rv, nbt, momentum, module.eps, relu)[0]
+    buffers = module._buffers
+    rm, rv = buffers.get("running_mean"), buffers.get("running_var")
+    if rm is None and rv is None:
+        return _forward_train(input, weight, bias, residual, None, None, None, 0.0, module.eps, relu)[0]
+    return _forward_eval(input, rm, rv, weight, bias, residual, module.eps, relu)
 
 
 class BatchNorm1d(torch.nn.BatchNorm1d):

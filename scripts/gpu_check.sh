@@ -174,7 +174,7 @@ step_profile() {
   ncu=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null || true)
   [ -z "$ncu" ] && { echo "ncu not found"; return 1; }
   # shellcheck disable=SC2086
-  timeout "$(left)" "$ncu" --target-processes all -k "regex:(stats|normalize|grad|merge_stats|update_running)_" \
+  timeout "$(left)" "$ncu" --target-processes all -k "regex:(stats|normalize|grad|merge_stats)_" \
     --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
     -c "${NCU_COUNT:-14}" "$PY" scripts/gpu_profile.py ${PROFILE_ARGS:-}
 }

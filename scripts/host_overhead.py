@@ -1,6 +1,6 @@
 """Host (CPU) time of one BatchNorm training step, layer by layer, on a tensor small enough
 that the device work is negligible: where fastbn's per-call overhead goes compared with
-torch.nn.BatchNorm2d's.
+torch.nn.BatchNorm's (BatchNorm1d/2d/3d picked by the shape's rank).
 
     python scripts/host_overhead.py [--device cuda] [--calls 2000] [--shape 32x64x8x8]
 
@@ -15,8 +15,8 @@ import time
 import torch
 
 import fastbn
-from fastbn._autograd import BatchNormTrain
 from fastbn._ops import ops
+from fastbn.testing import FASTBN, TORCH_BN, kind_of
 
 
 def per_call_us(fn, calls, device):
@@ -60,14 +60,15 @@ def main(argv=None):
     dev = a.device
     shape = tuple(int(v) for v in a.shape.split("x"))
     C = shape[1]
-    ref = torch.nn.BatchNorm2d(C, device=dev)
-    ours = fastbn.BatchNorm2d(C, device=dev)
+    kind = kind_of(len(shape))
+    ref = TORCH_BN[kind](C, device=dev)
+    ours = FASTBN[kind](C, device=dev)
     x = torch.randn(shape, device=dev, requires_grad=True)
     dy = torch.randn(shape, device=dev)
     w, b = ours.weight, ours.bias
-    rm, rv = ours.running_mean.clone(), ours.running_var.clone()
-    out, mean, invstd, var = ops.forward_train(x, w, b, None, 1e-5, False)
-    count = x.numel() // C
+    rm, rv, nbt = ours.running_mean.clone(), ours.running_var.clone(), ours.num_batches_tracked.clone()
+    out, mean, invstd, var = ops.forward_train(x, w, b, None, None, None, None, None, 1e-5, False)
+    train = ops.forward_train.default
 
     def step(m):
         def fn():
@@ -81,21 +82,20 @@ def main(argv=None):
             m(x)
         return fn
 
-    def autograd_only():
-        y, _, _ = BatchNormTrain.apply(x, w, b, None, 1e-5, False)
-        y.backward(dy)
+    def op_with_autograd():
+        train(x, w, b, None, rm, rv, nbt, 0.1, 1e-5, False)[0].backward(dy)
 
+    no_grad_x = x.detach()
     cases = [
         ("torch  module forward+backward", step(ref)),
         ("fastbn module forward+backward", step(ours)),
         ("torch  module forward", fwd(ref)),
         ("fastbn module forward", fwd(ours)),
-        ("fastbn BatchNormTrain.apply + backward", autograd_only),
-        ("op forward_train", lambda: ops.forward_train(x, w, b, None, 1e-5, False)),
-        ("op update_running_stats", lambda: ops.update_running_stats(rm, rv, mean, var, 0.1, count)),
+        ("fastbn op forward_train + backward", op_with_autograd),
+        ("op forward_train (running stats, no grad)",
+         lambda: train(no_grad_x, w.detach(), b.detach(), None, rm, rv, nbt, 0.1, 1e-5, False)),
         ("op backward_train", lambda: ops.backward_train(dy, x, mean, invstd, w, b, None, False,
                                                           [True, True, True, False])),
-        ("num_batches_tracked.add_(1)", lambda: ours.num_batches_tracked.add_(1)),
         ("torch.empty_like(x) (allocator floor)", lambda: torch.empty_like(x)),
     ]
     print(f"host_overhead: {dev} {tuple(shape)} float32, torch {torch.__version__}")

@@ -1,11 +1,39 @@
 """Worker for the multi-process SyncBatchNorm tests (spawned by test_sync.py): one rank of
 a gloo group trains fastbn.SyncBatchNorm on its slice of a global batch and saves what it
 saw. Every rank builds the same global data from the same seed."""
+import contextlib
 import datetime
 import os
 
 import torch
 import torch.distributed as dist
+
+
+# Tensor methods that read a tensor's value on the host: each is a device synchronisation on
+# a GPU (and makes a step impossible to capture in a CUDA graph).
+HOST_READS = ("item", "__int__", "__float__", "__bool__", "__index__", "tolist", "numpy")
+
+
+@contextlib.contextmanager
+def count_host_reads():
+    """While active, every call of a HOST_READS method of a tensor is appended (by name) to
+    the list it yields."""
+    calls = []
+    originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+
+    def counted(name, method):
+        def call(self, *args, **kwargs):
+            calls.append(name)
+            return method(self, *args, **kwargs)
+        return call
+
+    try:
+        for name, method in originals.items():
+            setattr(torch.Tensor, name, counted(name, method))
+        yield calls
+    finally:
+        for name, method in originals.items():
+            setattr(torch.Tensor, name, method)
 
 
 def global_data(cfg):
@@ -28,14 +56,18 @@ def layout(t, cfg):
 
 def train_steps(model, cfg, lo, hi, fwd=None):
     """Runs cfg["steps"] training steps of `model` (called through `fwd`, default the model
-    itself) on rows lo:hi of the global batches, then one eval step; returns what it saw."""
+    itself) on rows lo:hi of the global batches, then one eval step; returns what it saw,
+    including the host reads of tensors (count_host_reads) the training steps made."""
     xs, gs, _ = global_data(cfg)
     fwd = model if fwd is None else fwd
-    out = {"y": [], "dx": [], "dw": [], "db": [], "rm": [], "rv": []}
+    out = {"y": [], "dx": [], "dw": [], "db": [], "rm": [], "rv": [], "host_reads": []}
     for step in range(cfg["steps"]):
         x = layout(xs[step][lo:hi].clone(), cfg).requires_grad_()
-        y = fwd(x)
-        y.backward(layout(gs[step][lo:hi].clone(), cfg))
+        dy = layout(gs[step][lo:hi].clone(), cfg)
+        with count_host_reads() as reads:
+            y = fwd(x)
+            y.backward(dy)
+        out["host_reads"] += reads
         out["y"].append(y.detach())
         out["dx"].append(x.grad)
         out["dw"].append(model.weight.grad.clone())
@@ -73,8 +105,10 @@ def run(rank, world, init_file, cfg, out_dir):
         lo = sum(cfg["batch_sizes"][:rank])
         hi = lo + cfg["batch_sizes"][rank]
         out = train_steps(model, cfg, lo, hi, torch.compile(model) if cfg.get("compile") else None)
-        out = {k: [t.cpu() for t in v] if isinstance(v, list) else (v.cpu() if torch.is_tensor(v) else v)
-               for k, v in out.items()}
+        def cpu(v):
+            return v.cpu() if torch.is_tensor(v) else v
+
+        out = {k: [cpu(t) for t in v] if isinstance(v, list) else cpu(v) for k, v in out.items()}
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

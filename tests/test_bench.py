@@ -1,7 +1,8 @@
 """Smoke tests of benchmarks/bench.py (the entry point) and its package benchmarks/fastbn_bench/
-on the CPU: the quick grid end to end (table, JSON, CSV, chart), the case grid and filters, that
-a wrong implementation is reported as FAIL, the time budget, the torch kernel column and the
-compile policies.
+on the CPU: the quick grid end to end (table, JSON, CSV, chart), the case grid and filters, the
+tiny group (in every grid, --tiny, its batched timer, the summary's per-call overhead block),
+that a wrong implementation is reported as FAIL, the time budget, the torch kernel column and
+the compile policies.
 
 The `bench` fixture is bench.py loaded from its path (tests call its main); the package's
 modules are the fixtures bench_cases, checking, runner, report and cli. A test that replaces a
@@ -12,6 +13,7 @@ below still subclass torch's classes)."""
 import csv
 import importlib
 import json
+import re
 import time
 import types
 from pathlib import Path
@@ -160,26 +162,172 @@ def test_quick_run_prints_table_and_summary(bench, capsys, tmp_path):
     assert "copy bandwidth:" in text
     assert "bn1d-64x32  float32" in text
     assert "training forward+backward: fastbn vs eager" in text
-    assert "; vs native rows " in text and "(n=1)" in text
+    assert "; vs native rows " in text and "(n=2)" in text  # bn1d-64x32 and the tiny group's bn1d-32x32
     assert "torch kernel" in text
-    assert "FAIL rows: 0" in text
+    lines = text.splitlines()
+    i = lines.index("per-call overhead (tiny tensors, us per call):")
+    assert re.fullmatch(r" training forward\+backward: bn1d-32x32 fastbn [0-9.]+ vs eager [0-9.]+ \([0-9.]+x\); "
+                        r"fastbn <= eager on [01] of 1 rows", lines[i + 1]), lines[i + 1]
+    assert lines[i + 2].startswith("FAIL rows: 0")
     assert not list(tmp_path.glob("*.png"))
 
 
 def test_grids_and_filters(bench_cases):
     cpu = bench_cases.build_cases("cpu")
     assert {c.dtype for c in cpu} == {"float32", "bfloat16"}
-    assert len(cpu) == 2 * (11 * 2 + 3)  # 9 ResNet-50 + small-C + 3-D in both layouts, 3 BatchNorm1d
+    # 9 ResNet-50 + small-C + 3-D in both layouts, 2 BatchNorm1d; float32 adds the tiny group (1 + 2 + 2)
+    assert len(cpu) == 2 * (11 * 2 + 2) + 5
     assert all(c.layout == "nchw" for c in cpu if c.kind == 1)
     gpu = bench_cases.build_cases("cuda")
-    assert len(gpu) == 3 * (20 * 2 + 3)
+    assert len(gpu) == 3 * (20 * 2 + 2) + 5
     assert {"bn2d-256x2048x7x7", "bn2d-128x4x224x224", "bn3d-8x64x16x56x56", "bn1d-32x32"} <= {c.name for c in gpu}
 
     picked = bench_cases.build_cases("cpu", filters={"shapes": "64x56x56", "dtypes": ["bfloat16"],
                                                      "layouts": ["channels_last"]})
     assert [(c.name, c.dtype, c.layout) for c in picked] == [("bn2d-8x64x56x56", "bfloat16", "channels_last")]
     assert not bench_cases.build_cases("cpu", filters={"shapes": "bn1d", "layouts": ["channels_last"]})
-    assert {c.name for c in bench_cases.build_cases("cpu", filters={"shapes": "^bn3d"})} == {"bn3d-2x64x8x28x28"}
+    assert {c.name for c in bench_cases.build_cases("cpu", filters={"shapes": "^bn3d"})} == {"bn3d-2x64x8x28x28",
+                                                                                            "bn3d-2x8x2x4x4"}
+
+
+TINY_GROUP = [("bn1d-32x32", "nchw"), ("bn2d-8x16x4x4", "nchw"), ("bn2d-8x16x4x4", "channels_last"),
+              ("bn3d-2x8x2x4x4", "nchw"), ("bn3d-2x8x2x4x4", "channels_last")]
+
+
+@pytest.mark.parametrize("device, quick", [("cpu", False), ("cpu", True), ("cuda", False), ("cuda", True)])
+def test_tiny_group_in_every_grid(bench_cases, device, quick):
+    """Every grid ends its float32 block with the tiny group, in float32 only, each case once."""
+    cases = bench_cases.build_cases(device, quick=quick)
+    keys = [(c.name, c.dtype, c.layout) for c in cases]
+    assert len(keys) == len(set(keys))
+    float32 = [(c.name, c.layout) for c in cases if c.dtype == "float32"]
+    assert float32[-len(TINY_GROUP):] == TINY_GROUP
+    assert [(c.name, c.dtype, c.layout) for c in cases if c.tiny] == [(n, "float32", lay) for n, lay in TINY_GROUP]
+    assert all(c.tiny == (c.name in bench_cases.TINY_NAMES) for c in cases)
+    assert not any(c.tiny for c in bench_cases.build_cases(device, quick=quick, filters={"dtypes": ["bfloat16"]}))
+
+
+def test_tiny_filter_and_flag_select_the_tiny_group(bench, bench_cases, cli, capsys, monkeypatch, tmp_path):
+    for quick in (False, True):
+        tiny = bench_cases.build_cases("cpu", quick=quick, filters={"tiny": True})
+        assert tiny == [c for c in bench_cases.build_cases("cpu", quick=quick) if c.tiny]
+    assert [c.name for c in bench_cases.build_cases("cpu", filters={"tiny": True, "shapes": "bn2d"})] == \
+        ["bn2d-8x16x4x4"] * 2
+    run = []
+
+    def fake_run_benchmark(cases, **kwargs):
+        run.append(cases)
+        return []
+
+    monkeypatch.setattr(cli, "run_benchmark", fake_run_benchmark)
+    monkeypatch.setattr(cli, "copy_bandwidth_gbps", lambda device: 1.0)
+    assert bench.main(["--device", "cpu", "--tiny", "--out-dir", str(tmp_path), "--no-chart"]) == 0
+    assert [(c.name, c.dtype, c.layout) for c in run[0]] == [(n, "float32", lay) for n, lay in TINY_GROUP]
+    assert [p.name.endswith("-tiny.json") for p in tmp_path.glob("*.json")] == [True]
+    assert bench.main(["--device", "cpu", "--tiny", "--dtype", "bf16", "--out-dir", str(tmp_path)]) == 2
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--help"])
+    assert "--tiny" in capsys.readouterr().out
+
+
+def _timed_row(runner, case, layout, mode, fastbn_ms, eager_ms, dtype="float32"):
+    """A synthetic timed "ok" row."""
+    row = dict.fromkeys(runner.COLUMNS)
+    row.update(case=case, dtype=dtype, layout=layout, mode=mode, status="ok", torch_kernel="native", note="",
+               fastbn_ms=fastbn_ms, eager_ms=eager_ms, speedup_eager=eager_ms / fastbn_ms)
+    return row
+
+
+def test_summary_overhead_of_tiny_rows(runner, report):
+    rows = [_timed_row(runner, "bn2d-4x16x16x16", "nchw", "fwd", 0.5, 1.0),
+            _timed_row(runner, "bn1d-32x32", "nchw", "fwd", 0.0142, 0.027),
+            _timed_row(runner, "bn2d-8x16x4x4", "channels_last", "fwd", 0.030, 0.020),  # fastbn slower
+            _timed_row(runner, "bn3d-2x8x2x4x4", "nchw", "eval", 0.010, 0.010),
+            dict(_timed_row(runner, "bn1d-32x32", "nchw", "fwdbwd", 1, 1), status="FAIL", fastbn_ms=None,
+                 eager_ms=None, speedup_eager=None)]
+    summary = report.summarize(rows)
+    assert summary["modes"]["fwd"]["timed_rows"] == 3  # tiny rows count in the geomeans too
+    assert summary["modes"]["fwd"]["slowest"]["case"] == "bn2d-8x16x4x4"
+    overhead = summary["overhead"]
+    assert list(overhead) == ["fwd", "eval"]
+    fwd = overhead["fwd"]
+    assert [(e["case"], e["layout"]) for e in fwd["rows"]] == [("bn1d-32x32", "nchw"),
+                                                               ("bn2d-8x16x4x4", "channels_last")]
+    assert fwd["rows"][0]["fastbn_us"] == pytest.approx(14.2) and fwd["rows"][0]["eager_us"] == pytest.approx(27.0)
+    assert fwd["rows"][1]["speedup_eager"] == pytest.approx(2 / 3)
+    assert (fwd["fastbn_not_slower"], fwd["fastbn_never_slower"]) == (1, False)
+    assert (overhead["eval"]["fastbn_not_slower"], overhead["eval"]["fastbn_never_slower"]) == (1, True)
+    json.dumps(summary)
+
+    lines = report.format_summary(summary)
+    i = lines.index("per-call overhead (tiny tensors, us per call):")
+    assert lines[i + 1] == ("          training forward: bn1d-32x32 fastbn 14.2 vs eager 27.0 (1.90x), "
+                            "bn2d-8x16x4x4 channels_last fastbn 30.0 vs eager 20.0 (0.67x); "
+                            "fastbn <= eager on 1 of 2 rows")
+    assert lines[i + 2] == ("              eval forward: bn3d-2x8x2x4x4 nchw fastbn 10.0 vs eager 10.0 (1.00x); "
+                            "fastbn <= eager on 1 of 1 rows")
+    assert lines[-1] == "FAIL rows: 1   SKIP rows: 0   rows: 5"
+    assert len(lines) == i + 4
+
+    plain = report.summarize(rows[:1])
+    assert "overhead" not in plain
+    assert not any("overhead" in line for line in report.format_summary(plain))
+
+
+class _FakeClock:
+    """A perf_counter that only moves when a fake call advances it (binary fractions of a second,
+    so that sums stay exact)."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+
+def test_batched_timer_returns_per_call_times(bench_pkg, monkeypatch):
+    """With min_sample_s, a sample is a batch of calls (and one sync), reported per call."""
+    timing = bench_pkg.timing
+    clock = _FakeClock()
+    monkeypatch.setattr(timing, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
+    call_s = 2.0 ** -14  # 61 us
+    calls, syncs = [], []
+
+    def fn():
+        calls.append(None)
+        clock.now += call_s
+
+    ms = timing._median_ms_wall({"f": fn}, reps=5, warmup=2, min_sample_s=2.0 ** -10,
+                                sync=lambda: syncs.append(None))["f"]
+    assert ms == pytest.approx(call_s * 1e3)  # one call's time, not a batch's
+    batch = 16  # 2^-10 s / 2^-14 s
+    assert len(calls) == 2 + 5 + 5 * batch  # warm-up, 5 calibration calls, 5 samples of a batch
+    assert len(syncs) == 5 + 5
+    calls.clear()
+    assert timing._median_ms_wall({"f": fn}, reps=5, warmup=2)["f"] == pytest.approx(call_s * 1e3)
+    assert len(calls) == 2 + 5  # one call per sample
+    assert timing._batch_size(fn, 1.0, None) == timing.MAX_BATCH
+    assert timing._batch_size(fn, 0.0, None) == 1
+
+
+def test_tiny_cases_are_timed_in_batches(bench_cases, bench_pkg, monkeypatch):
+    """time_case times a tiny case over batches of calls, any other case one call per sample."""
+    timing = bench_pkg.timing
+    median_ms_wall = timing._median_ms_wall
+    seen = []
+
+    def recording(fns, reps, min_time_s=0.0, **kwargs):
+        seen.append(kwargs)
+        return median_ms_wall(fns, reps, min_time_s, **kwargs)
+
+    monkeypatch.setattr(timing, "_median_ms_wall", recording)
+    [tiny] = bench_cases.build_cases("cpu", filters={"tiny": True, "shapes": "bn1d"})
+    [small] = _bn1d_cases(bench_cases)
+    for case in (tiny, small):
+        impl = TORCH_BN[case.kind](case.num_features)
+        times, errors = timing.time_case(case, "eval", {"m": impl}, reps=3)
+        assert errors == {} and times["m"] > 0
+    assert seen == [{"min_sample_s": timing.TINY_SAMPLE_S, "sync": None}, {}]  # tiny, then small
 
 
 def test_wrong_output_is_fail_without_time(bench_cases, runner, report):
@@ -198,7 +346,7 @@ def test_wrong_output_is_fail_without_time(bench_cases, runner, report):
 
 
 def test_check_covers_gradients_and_running_stats(bench_cases, checking):
-    [case] = bench_cases.build_cases("cpu", quick=True, filters={"shapes": "bn2d", "dtypes": ["float32"],
+    [case] = bench_cases.build_cases("cpu", quick=True, filters={"shapes": "bn2d-4x16", "dtypes": ["float32"],
                                                                   "layouts": ["nchw"]})
     assert checking.check_case(case, "fwdbwd") == (True, "")  # fastbn itself
     assert checking.check_case(case, "fwd", _scaled_grad_factory) == (True, "")
@@ -219,7 +367,7 @@ def inaccurate_eager_case(bench_cases, checking, monkeypatch):
             return y if input.dtype == torch.float64 else y * 1.01
 
     monkeypatch.setattr(checking, "TORCH_BN", {**TORCH_BN, 2: InaccurateEager})
-    [case] = bench_cases.build_cases("cpu", quick=True, filters={"shapes": "bn2d", "dtypes": ["float32"],
+    [case] = bench_cases.build_cases("cpu", quick=True, filters={"shapes": "bn2d-4x16", "dtypes": ["float32"],
                                                                   "layouts": ["nchw"]})
     return case
 
@@ -247,7 +395,7 @@ def test_no_less_accurate_than_an_inaccurate_eager_passes(inaccurate_eager_case,
 
 def test_main_exit_status_on_fail(bench, cli, monkeypatch, tmp_path):
     monkeypatch.setattr(cli, "fastbn_factory", _scaled_output_factory)
-    rc = bench.main(["--quick", "--device", "cpu", "--no-compile", "--shapes", "bn1d", "--dtype", "float32",
+    rc = bench.main(["--quick", "--device", "cpu", "--no-compile", "--shapes", "bn1d-64x32", "--dtype", "float32",
                      "--modes", "eval", "--out-dir", str(tmp_path), "--no-chart"])
     assert rc == 1
     [json_path] = tmp_path.glob("*.json")
@@ -257,9 +405,14 @@ def test_main_exit_status_on_fail(bench, cli, monkeypatch, tmp_path):
     assert data["summary"]["fail_count"] == 1
 
 
+def _bn1d_cases(bench_cases, dtypes=("float32",)):
+    """The quick CPU grid's BatchNorm1d case outside the tiny group (64 x 32), one per dtype."""
+    return bench_cases.build_cases("cpu", quick=True, filters={"shapes": "bn1d-64x32", "dtypes": list(dtypes)})
+
+
 def test_compile_column(bench_cases, runner):
-    """One tiny torch.compile row: timed, or (no working compiler here) reported, never fatal."""
-    cases = bench_cases.build_cases("cpu", quick=True, filters={"shapes": "bn1d", "dtypes": ["float32"]})
+    """One small torch.compile row: timed, or (no working compiler here) reported, never fatal."""
+    cases = _bn1d_cases(bench_cases)
     notes = []
     [row] = runner.run_benchmark(cases, modes=["fwdbwd"], compile_policy="fwdbwd-float32", progress=False,
                                  notes=notes)
@@ -268,11 +421,6 @@ def test_compile_column(bench_cases, runner):
         assert row["note"].startswith("torch.compile failed") and notes
     else:
         assert row["compile_ms"] > 0 and row["speedup_compile"] > 0
-
-
-def _tiny_cases(bench_cases, dtypes=("float32",)):
-    """The quick CPU grid's BatchNorm1d case (64 x 32), one per dtype."""
-    return bench_cases.build_cases("cpu", quick=True, filters={"shapes": "bn1d", "dtypes": list(dtypes)})
 
 
 def test_budget_zero_runs_nothing_but_writes_outputs(bench, bench_cases, capsys, tmp_path):
@@ -301,7 +449,7 @@ def test_deadline_stops_between_rows(bench_cases, runner, report, monkeypatch):
         return result
 
     monkeypatch.setattr(runner, "time_case", slow_time_case)
-    cases = _tiny_cases(bench_cases)
+    cases = _bn1d_cases(bench_cases)
     notes = []
     rows = runner.run_benchmark(cases, compile_policy="none", copy_gbps=1.0, progress=False, notes=notes,
                                 deadline=deadline)
@@ -344,7 +492,7 @@ def test_compile_pass_respects_deadline(bench_cases, runner, monkeypatch):
 
     monkeypatch.setattr(runner, "time_case", recording_time_case)
     notes = []
-    rows = runner.run_benchmark(_tiny_cases(bench_cases, ("float32", "bfloat16")), modes=["fwdbwd"],
+    rows = runner.run_benchmark(_bn1d_cases(bench_cases, ("float32", "bfloat16")), modes=["fwdbwd"],
                                 compile_policy="all", copy_gbps=1.0, progress=False, notes=notes, deadline=deadline)
     assert calls == [["eager", "fastbn"], ["eager", "fastbn"], ["compile"]]
     assert [r["status"] for r in rows] == ["ok", "ok"]
@@ -362,7 +510,7 @@ def test_compile_pass_respects_deadline(bench_cases, runner, monkeypatch):
 ])
 def test_compile_policy_picks_rows(bench_cases, runner, monkeypatch, policy, compiled):
     monkeypatch.setattr(runner, "compiled_module", _eager_as_compiled())
-    rows = runner.run_benchmark(_tiny_cases(bench_cases, ("float32", "bfloat16")), compile_policy=policy, reps=2,
+    rows = runner.run_benchmark(_bn1d_cases(bench_cases, ("float32", "bfloat16")), compile_policy=policy, reps=2,
                                 copy_gbps=1.0, progress=False)
     assert len(rows) == 2 * len(bench_cases.MODES)
     assert all(r["status"] == "ok" and r["fastbn_ms"] > 0 for r in rows)
@@ -380,7 +528,7 @@ def test_compile_failure_switches_compile_off(bench_cases, runner, monkeypatch):
 
     monkeypatch.setattr(runner, "compiled_module", broken)
     notes = []
-    rows = runner.run_benchmark(_tiny_cases(bench_cases, ("float32", "bfloat16")), modes=["fwdbwd"],
+    rows = runner.run_benchmark(_bn1d_cases(bench_cases, ("float32", "bfloat16")), modes=["fwdbwd"],
                                 compile_policy="all", reps=2, copy_gbps=1.0, progress=False, notes=notes)
     assert [r["compile_ms"] for r in rows] == [None, None]
     assert rows[0]["note"] == "torch.compile failed: RuntimeError: no compiler" and rows[1]["note"] == ""
@@ -400,7 +548,7 @@ def test_compile_policy_flags(bench_cases, runner, cli):
     assert policy("--compile-policy", "all") == "all"
     with pytest.raises(SystemExit):
         cli.parse_args(["--no-compile", "--compile-policy", "all"])
-    [f32, bf16] = _tiny_cases(bench_cases, ("float32", "bfloat16"))
+    [f32, bf16] = _bn1d_cases(bench_cases, ("float32", "bfloat16"))
     assert runner._wants_compile("fwdbwd", bf16, "fwdbwd") and not runner._wants_compile("fwdbwd", f32, "fwd")
     assert not runner._wants_compile("fwdbwd-float32", bf16, "fwdbwd")
 
@@ -408,7 +556,7 @@ def test_compile_policy_flags(bench_cases, runner, cli):
 @pytest.mark.parametrize("op, kernel", [("aten::cudnn_batch_norm", "cudnn"), ("aten::miopen_batch_norm", "miopen")])
 def test_torch_kernel_from_profiled_ops(bench_cases, checking, monkeypatch, op, kernel):
     """"native" on the CPU; what the recorded op names say when eager runs a vendor kernel."""
-    [case] = _tiny_cases(bench_cases)
+    [case] = _bn1d_cases(bench_cases)
     for mode in bench_cases.MODES:
         assert checking.torch_kernel(case, mode) == "native"
 

@@ -8,8 +8,10 @@ import torch
 
 import fastbn
 
-OPS = ("forward_train", "forward_eval", "update_running_stats", "backward_train", "backward_eval", "batch_stats",
-       "merge_stats", "normalize", "backward_reduce", "backward_elemt")
+OPS = ("forward_train", "forward_eval", "backward_train", "backward_eval", "batch_stats", "merge_stats", "normalize",
+       "backward_reduce", "backward_elemt")
+# The ops whose autograd is fastbn's own (csrc/autograd.cpp), on every device.
+DIFFERENTIABLE = ("forward_train", "forward_eval")
 EXPECT_CUDA = os.environ.get("FASTBN_EXPECT_CUDA") == "1"
 
 
@@ -29,6 +31,12 @@ def test_every_op_is_registered():
 @pytest.mark.parametrize("key", ["CPU", "Meta"])
 def test_every_op_has_a_kernel(key):
     assert missing_kernels(key) == []
+
+
+def test_forwards_have_their_autograd_kernel():
+    for op in DIFFERENTIABLE:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastbn::{op}", "Autograd"), op
+    assert not torch._C._dispatch_has_kernel_for_dispatch_key("fastbn::batch_stats", "Autograd")
 
 
 def test_every_op_has_a_cuda_kernel():

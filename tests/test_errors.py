@@ -38,7 +38,7 @@ def test_wrong_rank(device):
     with pytest.raises(ValueError, match="at least 2 dimensions"):
         FF.batch_norm(torch.randn(5, device=device), None, None, training=True)
     with pytest.raises(ValueError, match="at least 2 dimensions"):
-        ops.forward_train(torch.randn(5, device=device), None, None, None, 1e-5, False)
+        ops.forward_train(torch.randn(5, device=device), None, None, None, None, None, None, None, 1e-5, False)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -61,7 +61,7 @@ def test_one_value_per_channel(device):
     _expect(fastbn.BatchNorm2d(4, device=device, track_running_stats=False).eval(),
             torch.randn(1, 4, 1, 1, device=device), ValueError, msg)
     with pytest.raises(ValueError, match=msg):
-        ops.forward_train(torch.randn(1, 4, device=device), None, None, None, 1e-5, False)
+        ops.forward_train(torch.randn(1, 4, device=device), None, None, None, None, None, None, None, 1e-5, False)
     # Eval with running statistics accepts a single value.
     m = fastbn.BatchNorm1d(4, device=device).eval()
     torch.testing.assert_close(m(torch.ones(1, 4, device=device)), torch.nn.BatchNorm1d(4, device=device).eval()(
@@ -74,7 +74,7 @@ def test_eps(device):
         _expect(fastbn.BatchNorm2d(3, eps=eps, device=device), torch.randn(2, 3, 2, 2, device=device), ValueError,
                 "eps must be positive")
         with pytest.raises(ValueError, match="eps must be positive"):
-            ops.forward_train(torch.randn(2, 3, device=device), None, None, None, eps, False)
+            ops.forward_train(torch.randn(2, 3, device=device), None, None, None, None, None, None, None, eps, False)
     m = fastbn.BatchNorm2d(3, eps=-1.0, device=device).eval()
     _expect(m, torch.randn(2, 3, 2, 2, device=device), ValueError, "eps must be non-negative")
 
@@ -96,17 +96,17 @@ def test_parameter_sizes_and_dtypes(device):
         ("bias", (None, torch.ones(2, device=device))),
     ]:
         with pytest.raises(RuntimeError, match=f"{name} should contain 3 elements"):
-            ops.forward_train(x, *args, None, 1e-5, False)
+            ops.forward_train(x, *args, None, None, None, None, None, 1e-5, False)
     with pytest.raises(RuntimeError, match="running_var should contain 3 elements not 4"):
         ops.forward_eval(x, good, torch.ones(4, device=device), None, None, None, 1e-5, False)
     with pytest.raises(RuntimeError, match="expected weight to have dtype Float"):
-        ops.forward_train(x, good.double(), None, None, 1e-5, False)
+        ops.forward_train(x, good.double(), None, None, None, None, None, None, 1e-5, False)
     with pytest.raises(RuntimeError, match="expected running_mean to have dtype Half or Float"):
         ops.forward_eval(x.half(), good.double(), good, None, None, None, 1e-5, False)
     with pytest.raises(RuntimeError, match="residual has shape"):
-        ops.forward_train(x, None, None, torch.randn(4, 3, 2, 1, device=device), 1e-5, True)
+        ops.forward_train(x, None, None, torch.randn(4, 3, 2, 1, device=device), None, None, None, None, 1e-5, True)
     with pytest.raises(RuntimeError, match="residual has dtype"):
-        ops.forward_train(x, None, None, x.double(), 1e-5, True)
+        ops.forward_train(x, None, None, x.double(), None, None, None, None, 1e-5, True)
     with pytest.raises(RuntimeError, match="grad_out has shape"):
         ops.backward_train(torch.randn(4, 3, 2, device=device), x, good, good, None, None, None, False,
                            [True, False, False, False])
@@ -114,20 +114,39 @@ def test_parameter_sizes_and_dtypes(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_running_stats_errors_change_nothing(device):
-    """A bad running statistic is rejected by the update op before anything is written."""
+    """The training forward checks every argument before it writes anything: a rejected call
+    leaves the running statistics and num_batches_tracked as they were."""
     x = torch.randn(4, 3, 2, 2, device=device)
-    rm, rv = torch.randn(3, device=device), torch.ones(4, device=device)
-    rm0 = rm.clone()
+    ones = torch.ones(3, device=device)
+    rm, rv, nbt = torch.randn(3, device=device), torch.rand(3, device=device) + 0.5, torch.tensor(5, device=device)
+    cases = [
+        (dict(running_var=torch.ones(4, device=device)), RuntimeError, "running_var should contain 3 elements not 4"),
+        (dict(running_mean=torch.ones(3, device=device, dtype=torch.int64)), RuntimeError,
+         "running_mean must be floating point"),
+        (dict(num_batches_tracked=torch.tensor(5.0, device=device)), RuntimeError,
+         "num_batches_tracked must be a one-element int64 tensor"),
+        (dict(num_batches_tracked=None, momentum=None), ValueError, "needs num_batches_tracked"),
+        (dict(running_var=None), ValueError, "must both be given or both be None"),
+        (dict(weight=torch.ones(4, device=device)), RuntimeError, "weight should contain 3 elements not 4"),
+        (dict(residual=torch.ones(4, 3, 2, device=device)), RuntimeError, "residual has shape"),
+        (dict(eps=0.0), ValueError, "eps must be positive"),
+        (dict(input=torch.randn(1, 3, device=device)), ValueError, "Expected more than 1 value per channel"),
+    ]
+    for bad, exc, pattern in cases:
+        args = dict(input=x, weight=ones, bias=None, residual=None, running_mean=rm, running_var=rv,
+                    num_batches_tracked=nbt, momentum=0.1, eps=1e-5, relu=False)
+        args.update(bad)
+        before = [t.clone() for t in (rm, rv, nbt)]
+        with pytest.raises(exc, match=pattern):
+            ops.forward_train(**args)
+        for t, b in zip((rm, rv, nbt), before):
+            assert torch.equal(t, b), (bad, t, b)
     with pytest.raises(RuntimeError, match="running_var should contain 3 elements not 4"):
-        FF.batch_norm(x, rm, rv, training=True)
-    assert torch.equal(rm, rm0)
-    y, mean, invstd, var = ops.forward_train(x, None, None, None, 1e-5, False)
-    with pytest.raises(RuntimeError, match="running_var should contain 3 elements not 4"):
-        ops.update_running_stats(rm, rv, mean, var, 0.1, 16)
-    assert torch.equal(rm, rm0)
-    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
-        ops.update_running_stats(rm, torch.ones(3, device=device), mean, var, 0.1, 1)
-    assert torch.equal(rm, rm0)
+        FF.batch_norm(x, rm, torch.ones(4, device=device), training=True)
+    # ...and a good call changes all three (the checks above can fail).
+    before = [t.clone() for t in (rm, rv, nbt)]
+    ops.forward_train(x, ones, None, None, rm, rv, nbt, None, 1e-5, False)
+    assert int(nbt) == 6 and not torch.equal(rm, before[0]) and not torch.equal(rv, before[1])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -144,7 +163,7 @@ def test_wrong_device():
     m = fastbn.BatchNorm2d(3)  # parameters on the CPU
     _expect(m, x, RuntimeError, "Expected all tensors to be on the same device")
     with pytest.raises(RuntimeError, match="Expected all tensors to be on the same device"):
-        ops.forward_train(x.cpu(), torch.ones(3, device="cuda"), None, None, 1e-5, False)
+        ops.forward_train(x.cpu(), torch.ones(3, device="cuda"), None, None, None, None, None, None, 1e-5, False)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -234,11 +234,15 @@ def test_small_net_check_catches_a_seeded_bug(dtype, bug, monkeypatch):
     import fastbn.modules as modules
 
     if bug == "momentum x 1.01":
-        factor = modules.running_stats_factor
-        monkeypatch.setattr(modules, "running_stats_factor", lambda m: (factor(m)[0], factor(m)[1] * 1.01))
-    else:
-        batch_norm = modules._F.batch_norm
-        monkeypatch.setattr(modules._F, "batch_norm", lambda *a, **k: batch_norm(*a[:7], a[7] * 1.5, **k))
+        args = modules.running_args
+        def scaled(m):  # the cumulative-average layer (momentum None) keeps its factor
+            rm, rv, nbt, momentum = args(m)
+            return rm, rv, nbt, None if momentum is None else momentum * 1.01
+
+        monkeypatch.setattr(modules, "running_args", scaled)
+    else:  # forward_train(input, weight, bias, residual, rm, rv, nbt, momentum, eps, relu)
+        train = modules._forward_train
+        monkeypatch.setattr(modules, "_forward_train", lambda *a: train(*a[:8], a[8] * 1.5, *a[9:]))
     ref, fast = small_net_pair(dtype)
     data = batches((16, 3, 16, 16), 10, dtype, channels_last=True, seed=2)
     with pytest.raises(AssertionError, match="differs from torch|first-step gradient"):

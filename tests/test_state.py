@@ -6,7 +6,7 @@ import pickle
 
 import pytest
 import torch
-from helpers import DEVICES, FAST_BN, TORCH_BN, make_input, randomize_
+from helpers import DEVICES, FAST_BN, TORCH_BN, make_input, make_pair, randomize_
 
 import fastbn
 
@@ -88,3 +88,26 @@ def test_dtype_moves_and_momentum_none_counts():
     ref.double()
     x = torch.randn(4, 3, 3, 3, dtype=torch.float64)
     torch.testing.assert_close(ours(x), ref(x))
+
+
+def test_parametrized_and_functional_call_parameters_are_used():
+    """The module reads its weight, bias and buffers the way nn.Module resolves them: a
+    parametrized weight (a property) and torch.func.functional_call's substitutes are used."""
+    import torch.nn.utils.parametrize as P
+
+    class Double(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    ref, ours = make_pair(2, 4)
+    for m in (ref, ours):
+        P.register_parametrization(m, "weight", Double())
+    x = make_input((3, 4, 5, 5), torch.float32)
+    torch.testing.assert_close(ours(x), ref(x))
+    torch.testing.assert_close(ours.running_mean, ref.running_mean)
+    subs = {"bias": torch.randn(4), "running_mean": torch.randn(4), "running_var": torch.rand(4) + 0.5}
+    for m in (ref, ours):
+        m.eval()
+    got = torch.func.functional_call(ours, subs, (x,))
+    torch.testing.assert_close(got, torch.func.functional_call(ref, subs, (x,)))
+    assert not torch.allclose(got, ours(x))  # the substitutes made a difference

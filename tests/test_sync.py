@@ -50,6 +50,8 @@ def _compare(ranks, ref, cfg):
             torch.testing.assert_close(r["rv"][step], ref["rv"][step], **tol)
     torch.testing.assert_close(torch.cat([r["y_eval"] for r in ranks]), ref["y_eval"], **tol)
     assert all(r["nbt"] == cfg["steps"] for r in ranks)
+    if not cfg.get("compile"):  # no host synchronisation in a training step
+        assert all(r["host_reads"] == [] for r in ranks), [r["host_reads"] for r in ranks]
 
 
 CONFIGS = {

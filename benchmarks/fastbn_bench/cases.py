@@ -5,8 +5,14 @@ Contracts:
   input dtype (a key of DTYPES; parameters and running statistics stay float32, as under
   autocast), memory layout (one of LAYOUTS) and device. Its name is "bn<kind>d-<shape>", e.g.
   "bn2d-8x64x56x56".
-- build_cases returns the grid in a fixed order (dtype, then shape, then layout, nchw first);
-  2-D (BatchNorm1d) inputs appear once, as "nchw".
+- Every grid (each device's default and --quick one) ends its float32 block with the tiny
+  group, TINY_SHAPES (one BatchNorm1d, 2d and 3d input small enough that a call's time is the
+  per-call host overhead of the module and op dispatch, not the kernel's); tiny shapes run in
+  TINY_DTYPES (float32) only, and each shape appears once per (dtype, layout). Case.tiny says
+  whether a case's shape is one of them; TINY_NAMES holds their case names.
+- build_cases returns the grid in a fixed order (dtype, then shape: the grid's own shapes, then
+  the tiny group in TINY_SHAPES order, then layout, nchw first); 2-D (BatchNorm1d) inputs appear
+  once, as "nchw". Filters only remove cases: the "tiny" filter keeps the tiny group alone.
 - Case.nbytes(mode) is the minimum byte count of one call in `mode` (MODE_PASSES), the basis of
   the GB/s and % copy columns; MODE_TENSORS is one call's activation-sized working set.
 - random_tensor(case, seed) is deterministic in (case, seed): N(0.5, 2^2) values in the case's
@@ -40,6 +46,9 @@ LAYOUTS = ("nchw", "channels_last")
 RESNET50_CHW = [(64, 112, 112), (64, 56, 56), (256, 56, 56), (128, 28, 28), (512, 28, 28),
                 (256, 14, 14), (1024, 14, 14), (512, 7, 7), (2048, 7, 7)]
 BN1D_SHAPES = [(4096, 512), (256, 4096), (32, 32)]
+# The tiny group (BatchNorm1d, 2d, 3d): kernel time negligible, a call's time is its host overhead.
+TINY_SHAPES = [(32, 32), (8, 16, 4, 4), (2, 8, 2, 4, 4)]
+TINY_DTYPES = ("float32",)
 # Per device: (batch sizes for the ResNet-50 shapes, extra 4-D/5-D shapes, dtypes).
 GRIDS = {
     "cuda": ((32, 256), [(128, 4, 224, 224), (8, 64, 16, 56, 56)], ("float32", "float16", "bfloat16")),
@@ -63,6 +72,12 @@ class Case:
     dtype: str
     layout: str
     device: str
+
+    @property
+    def tiny(self):
+        """Whether this case is in the tiny group (its shape is in TINY_SHAPES): its time is the
+        per-call overhead, and timing.time_case times it over batches of calls."""
+        return self.shape in TINY_SHAPES
 
     @property
     def num_features(self):
@@ -96,31 +111,43 @@ def _case_name(shape):
     return f"bn{kind_of(len(shape))}d-" + "x".join(map(str, shape))
 
 
+TINY_NAMES = frozenset(_case_name(shape) for shape in TINY_SHAPES)
+
+
+def _grid_shapes(device, quick, dtype):
+    """The shapes the grid runs in `dtype`: the device's own (less the tiny ones), then the tiny
+    group when `dtype` is one of TINY_DTYPES."""
+    if quick:
+        shapes = QUICK_GRIDS[device][0]
+    else:
+        batches, extra, _ = GRIDS[device]
+        shapes = [(n,) + chw for n in batches for chw in RESNET50_CHW] + extra + BN1D_SHAPES
+    shapes = [tuple(s) for s in shapes if tuple(s) not in TINY_SHAPES]
+    return shapes + (TINY_SHAPES if dtype in TINY_DTYPES else [])
+
+
 def build_cases(device, quick=False, filters=None):
-    """The case grid for `device` ("cuda" or "cpu"), the small --quick grid when `quick`.
+    """The case grid for `device` ("cuda" or "cpu"), the small --quick grid when `quick`; both
+    include the tiny group (TINY_SHAPES, in TINY_DTYPES only).
 
     `filters` (optional dict): "dtypes" (list of DTYPES keys, replacing the grid's), "layouts" (list of LAYOUTS),
     "shapes" (a regular expression, or plain substring, searched in the case name such as
-    "bn2d-8x64x56x56" or "bn1d-4096x512"). 2-D (BatchNorm1d) inputs run once, as "nchw".
+    "bn2d-8x64x56x56" or "bn1d-4096x512"), "tiny" (true: the tiny group only). 2-D
+    (BatchNorm1d) inputs run once, as "nchw".
     """
     filters = filters or {}
-    if quick:
-        shapes, dtypes = QUICK_GRIDS[device]
-    else:
-        batches, extra, dtypes = GRIDS[device]
-        shapes = [(n,) + chw for n in batches for chw in RESNET50_CHW] + extra + BN1D_SHAPES
-    dtypes = filters.get("dtypes") or dtypes
+    dtypes = filters.get("dtypes") or (QUICK_GRIDS[device] if quick else GRIDS[device])[-1]
     layouts = filters.get("layouts") or LAYOUTS
     pattern = filters.get("shapes")
     cases = []
     for dtype in dtypes:
-        for shape in shapes:
+        for shape in _grid_shapes(device, quick, dtype):
             name = _case_name(shape)
-            if pattern and not _name_matches(pattern, name):
+            if (pattern and not _name_matches(pattern, name)) or (filters.get("tiny") and name not in TINY_NAMES):
                 continue
             for layout in LAYOUTS:
                 if layout in layouts and (layout == "nchw" or len(shape) > 2):
-                    cases.append(Case(name, kind_of(len(shape)), tuple(shape), dtype, layout, device))
+                    cases.append(Case(name, kind_of(len(shape)), shape, dtype, layout, device))
     return cases
 
 

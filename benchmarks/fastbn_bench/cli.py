@@ -1,10 +1,10 @@
 """The command line of benchmarks/bench.py: argument parsing, the compile policy and main().
 
 Contracts:
-- main(argv) runs the grid build_cases picks for the parsed filters, prints the run header,
-  the table, the notes and the summary on stdout, writes
-  <out-dir>/<device>-<YYYY-MM-DD>[-quick][-<tag>].json, .csv and .png, and returns the exit
-  status: 0, 1 when any row FAILs, 2 when the device is unavailable or no case matches.
+- main(argv) runs the grid build_cases picks for the parsed filters (--tiny: the tiny group
+  only), prints the run header, the table, the notes and the summary on stdout, writes
+  <out-dir>/<device>-<YYYY-MM-DD>[-quick][-tiny][-<tag>].json, .csv and .png, and returns the
+  exit status: 0, 1 when any row FAILs, 2 when the device is unavailable or no case matches.
 - --out-dir defaults to benchmarks/results, whatever the working directory.
 - compile_policy_for(args, device) -> (policy, note or None): no-compile flags first, then
   "none" on CUDA without triton, else the flags, else the default (fwdbwd-float32 on the CPU
@@ -52,6 +52,9 @@ def parse_args(argv=None):
                    help="comma list of fwd (training forward), fwdbwd (training forward+backward), "
                         "eval (eval forward); default: all")
     p.add_argument("--quick", action="store_true", help="a handful of small cases, few repetitions")
+    p.add_argument("--tiny", action="store_true",
+                   help="only the tiny group (bn1d-32x32, bn2d-8x16x4x4, bn3d-2x8x2x4x4, float32), whose "
+                        "times are the per-call overhead; the default grid includes it")
     compile_group = p.add_mutually_exclusive_group()
     compile_group.add_argument("--compile-policy", choices=COMPILE_POLICIES,
                                help="which rows get the torch.compile column: all, fwdbwd (training "
@@ -67,7 +70,7 @@ def parse_args(argv=None):
                                             "10 on CPU; 20 / 10 with --quick)")
     p.add_argument("--out-dir", default=str(RESULTS_DIR),
                    help="where the .json, .csv and .png go (default: benchmarks/results)")
-    p.add_argument("--tag", help="appended to the output file names: <device>-<date>[-quick]-<tag>.*")
+    p.add_argument("--tag", help="appended to the output file names: <device>-<date>[-quick][-tiny]-<tag>.*")
     p.add_argument("--no-chart", action="store_true", help="do not write the .png chart")
     return p.parse_args(argv)
 
@@ -111,7 +114,8 @@ def main(argv=None):
         return 2
     if device == "cuda" and not fastbn.built_with_cuda():
         print("warning: this build of fastbn has no CUDA kernels: every row will FAIL", file=sys.stderr)
-    cases = build_cases(device, args.quick, {"dtypes": args.dtype, "layouts": args.layout, "shapes": args.shapes})
+    cases = build_cases(device, args.quick, {"dtypes": args.dtype, "layouts": args.layout, "shapes": args.shapes,
+                                             "tiny": args.tiny})
     if not cases:
         print("bench.py: no case matches the filters", file=sys.stderr)
         return 2
@@ -154,7 +158,7 @@ def main(argv=None):
     print()
     print("\n".join(format_summary(summary)))
 
-    stem = "-".join([device_label(device), header["date"]] + ["quick"] * args.quick
+    stem = "-".join([device_label(device), header["date"]] + ["quick"] * args.quick + ["tiny"] * args.tiny
                      + ([sanitize(args.tag)] if args.tag else []))
     paths = write_outputs(rows, header, summary, args.out_dir, stem, chart=not args.no_chart)
     print("wrote " + ", ".join(str(p) for p in paths))

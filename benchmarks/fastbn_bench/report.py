@@ -3,8 +3,15 @@
 Contracts:
 - summarize(rows, not_run) -> {"modes": {mode: {"timed_rows", "geomean_speedup_eager",
   "geomean_speedup_compile", "compile_rows", "by_torch_kernel", "slowest"}}, "fail_count",
-  "skip_count", "rows", "not_run"}; a mode appears only when some row of it was timed.
-  format_summary's last line always reads "FAIL rows: F   SKIP rows: S   rows: R", followed by
+  "skip_count", "rows", "not_run"}; a mode appears only when some row of it was timed. Tiny
+  rows (case name in TINY_NAMES) count in "modes" like every other row; when some were timed,
+  the summary also holds "overhead": {mode: {"rows": [{"case", "dtype", "layout", "fastbn_us",
+  "eager_us", "speedup_eager"}], "fastbn_not_slower": rows with fastbn_us <= eager_us,
+  "fastbn_never_slower": whether that is every row}}, in MODES order, a mode only when some
+  tiny row of it was timed.
+- format_summary: one line per mode of "modes"; then, when "overhead" is there, the line
+  "per-call overhead (tiny tensors, us per call):" and one line per mode of it; its last line
+  always reads "FAIL rows: F   SKIP rows: S   rows: R", followed by
   "   not run (time budget): K" when K > 0.
 - format_table prints TABLE_COLUMNS ("-" for a missing value).
 - write_outputs(rows, header, summary, out_dir, stem, chart) writes <stem>.json ({"header",
@@ -26,7 +33,7 @@ import torch
 
 import fastbn
 
-from .cases import MODE_TITLES, MODES
+from .cases import MODE_TITLES, MODES, TINY_NAMES
 from .checking import TORCH_KERNELS
 from .runner import COLUMNS, TABLE_COLUMNS
 
@@ -40,7 +47,9 @@ def summarize(rows, not_run=0):
     the speedup vs eager split by the kernel torch eager ran ("by_torch_kernel": kernel ->
     {"geomean_speedup_eager", "rows"}, kernels in TORCH_KERNELS order) and the slowest row
     (lowest speedup vs eager); plus the FAIL and SKIP counts, the number of rows and
-    `not_run`, the number of rows the time budget left out."""
+    `not_run`, the number of rows the time budget left out. When tiny rows (TINY_NAMES) were
+    timed, "overhead" gives per mode their fastbn and eager microseconds per call and how many
+    have fastbn <= eager (see the module docstring)."""
     summary = {"modes": {}, "fail_count": sum(r["status"] == "FAIL" for r in rows),
                "skip_count": sum(r["status"] == "SKIP" for r in rows), "rows": len(rows), "not_run": not_run}
     for mode in MODES:
@@ -62,11 +71,30 @@ def summarize(rows, not_run=0):
             "by_torch_kernel": by_kernel,
             "slowest": {k: slowest[k] for k in ("case", "dtype", "layout", "speedup_eager")},
         }
+    overhead = _overhead(rows)
+    if overhead:
+        summary["overhead"] = overhead
     return summary
 
 
+def _overhead(rows):
+    """The "overhead" entry of summarize: per mode, the timed tiny rows' microseconds per call."""
+    overhead = {}
+    for mode in MODES:
+        tiny = [r for r in rows if r["mode"] == mode and r["case"] in TINY_NAMES and r["speedup_eager"] is not None]
+        if not tiny:
+            continue
+        entries = [{"case": r["case"], "dtype": r["dtype"], "layout": r["layout"], "fastbn_us": 1e3 * r["fastbn_ms"],
+                    "eager_us": 1e3 * r["eager_ms"], "speedup_eager": r["speedup_eager"]} for r in tiny]
+        not_slower = sum(e["fastbn_us"] <= e["eager_us"] for e in entries)
+        overhead[mode] = {"rows": entries, "fastbn_not_slower": not_slower,
+                          "fastbn_never_slower": not_slower == len(entries)}
+    return overhead
+
+
 def format_summary(summary):
-    """The summary as printable lines."""
+    """The summary as printable lines: the modes, the per-call overhead block (when there is
+    one), and last the FAIL/SKIP line."""
     lines = []
     for mode, s in summary["modes"].items():
         slow = s["slowest"]
@@ -79,11 +107,35 @@ def format_summary(summary):
                                      for kernel, k in s["by_torch_kernel"].items())
         line += f"; slowest: {slow['case']} {slow['dtype']} {slow['layout']} {slow['speedup_eager']:.2f}x"
         lines.append(line)
+    lines += _format_overhead(summary.get("overhead"))
     last = f"FAIL rows: {summary['fail_count']}   SKIP rows: {summary['skip_count']}   rows: {summary['rows']}"
     if summary["not_run"]:
         last += f"   not run (time budget): {summary['not_run']}"
     lines.append(last)
     return lines
+
+
+def _format_overhead(overhead):
+    """The "overhead" entry as printable lines ([] when there is none)."""
+    if not overhead:
+        return []
+    lines = ["per-call overhead (tiny tensors, us per call):"]
+    for mode, o in overhead.items():
+        cells = [f"{_tiny_label(e)} fastbn {e['fastbn_us']:.1f} vs eager {e['eager_us']:.1f} "
+                 f"({e['speedup_eager']:.2f}x)" for e in o["rows"]]
+        lines.append(f"{MODE_TITLES[mode]:>26}: " + ", ".join(cells)
+                     + f"; fastbn <= eager on {o['fastbn_not_slower']} of {len(o['rows'])} rows")
+    return lines
+
+
+def _tiny_label(entry):
+    """Case name, then the dtype unless float32 and the layout unless BatchNorm1d (nchw only)."""
+    parts = [entry["case"]]
+    if entry["dtype"] != "float32":
+        parts.append(entry["dtype"])
+    if not entry["case"].startswith("bn1d-"):
+        parts.append(entry["layout"])
+    return " ".join(parts)
 
 
 def _fmt(column, value):

@@ -8,8 +8,13 @@ Contracts:
   input sets when one call's working set is under twice the cache. A module whose first call
   raises gets an error message (name -> "Type: first line") instead of a time; OutOfMemoryError
   propagates. On the CPU the modules' calls are interleaved, >= reps rounds, more (up to 10 x
-  reps) until min_time_s has passed; on CUDA each module is timed with CUDA events (triton's
-  do_bench when importable), >= reps calls after warm-up.
+  reps) until min_time_s has passed, one timed call per module per round; on CUDA each module
+  is timed with CUDA events (triton's do_bench when importable), >= reps calls after warm-up.
+- Tiny cases (Case.tiny) measure the per-call host overhead, on both devices: the same
+  interleaved rounds, but each sample is a batch of back-to-back calls meant to last
+  >= TINY_SAMPLE_S (the batch size, at most MAX_BATCH, from the median of 5 timed calls after
+  warm-up), then on CUDA a torch.cuda.synchronize(), all inside the timed span; the time per call
+  is the sample's wall time / batch size (host wall-clock, not CUDA-event GPU time).
 - copy_bandwidth_gbps(device) is 2 x bytes / median time of dst.copy_(src) on CUDA_COPY_BYTES
   (GPU) or CPU_COPY_BYTES (CPU), in 1e9 bytes/s.
 - compiled_module(case, mode, state_dict) returns torch.compile(TORCH_BN[kind], dynamic=False,
@@ -33,6 +38,8 @@ from .cases import MODE_TENSORS, random_tensor
 from .checking import first_line, step
 
 MAX_INPUT_SETS = 16
+TINY_SAMPLE_S = 1e-3  # a tiny case's sample: calls back to back for at least this long
+MAX_BATCH = 1024
 CPU_COPY_BYTES = 64 << 20
 CUDA_COPY_BYTES = 256 << 20
 
@@ -52,24 +59,45 @@ def compiled_module(case, mode, state_dict):
     return compiled
 
 
-def _median_ms_cpu(fns, reps, min_time_s=0.0, warmup=2):
+def _batch_size(fn, min_sample_s, sync, tries=5):
+    """Calls of `fn` a sample needs to last >= min_sample_s, from the median of `tries` timed
+    calls (each followed by `sync`), at most MAX_BATCH; 1 when min_sample_s is 0."""
+    if min_sample_s <= 0:
+        return 1
+    typical = statistics.median(_time_batch(fn, 1, sync) for _ in range(tries))
+    return max(1, min(MAX_BATCH, math.ceil(min_sample_s / max(typical, 1e-9))))
+
+
+def _time_batch(fn, batch, sync):
+    """Wall seconds of `batch` back-to-back calls of `fn`, then `sync` (when given)."""
+    t0 = time.perf_counter()
+    for _ in range(batch):
+        fn()
+    if sync is not None:
+        sync()
+    return time.perf_counter() - t0
+
+
+def _median_ms_wall(fns, reps, min_time_s=0.0, warmup=2, min_sample_s=0.0, sync=None):
     """Median wall time in ms per call of each function in `fns` (name -> fn).
 
-    Calls are interleaved (one call of each function per round) so that a load change on
+    Calls are interleaved (one sample of each function per round) so that a load change on
     the machine hits all of them alike; at least `reps` rounds, more (up to 10 * reps) until
-    `min_time_s` has passed.
+    `min_time_s` has passed. A sample is one call when min_sample_s is 0; else a batch of
+    calls meant to last >= min_sample_s (see _batch_size), its time divided by the batch size.
+    `sync` (e.g. torch.cuda.synchronize) ends each sample, inside the timed span.
     """
-    for fn in fns.values():
+    batches = {}
+    for name, fn in fns.items():
         for _ in range(warmup):
             fn()
+        batches[name] = _batch_size(fn, min_sample_s, sync)
     samples = {name: [] for name in fns}
     start = time.perf_counter()
     rounds = 0
     while rounds < reps or (time.perf_counter() - start < min_time_s and rounds < 10 * reps):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - t0)
+            samples[name].append(_time_batch(fn, batches[name], sync) / batches[name])
         rounds += 1
     return {name: statistics.median(s) * 1e3 for name, s in samples.items()}
 
@@ -124,8 +152,9 @@ def time_case(case, mode, modules, reps, min_time_s=0.0):
 
     When one call's working set is smaller than twice the cache (GPU L2, CPU last level),
     calls rotate over several input sets (up to MAX_INPUT_SETS) whose total exceeds it, so
-    the inputs are not cache-resident at the start of a call. Returns (times, errors): a
-    module whose warm-up raises gets no time and an error message instead.
+    the inputs are not cache-resident at the start of a call. Tiny cases (Case.tiny) get the
+    host wall-clock time per call over batches of calls (see the module docstring). Returns
+    (times, errors): a module whose warm-up raises gets no time and an error message instead.
     """
     working_set = MODE_TENSORS[mode] * case.numel * case.torch_dtype.itemsize
     n_sets = max(1, min(MAX_INPUT_SETS, math.ceil(2 * cache_bytes(case.device) / working_set)))
@@ -147,10 +176,13 @@ def time_case(case, mode, modules, reps, min_time_s=0.0):
             errors[name] = f"{type(e).__name__}: {first_line(e)}"
             continue
         fns[name] = fn
-    if case.device == "cuda":
+    if case.tiny:
+        sync = torch.cuda.synchronize if case.device == "cuda" else None
+        times = _median_ms_wall(fns, reps, min_time_s, min_sample_s=TINY_SAMPLE_S, sync=sync)
+    elif case.device == "cuda":
         times = {name: _median_ms_cuda(fn, reps) for name, fn in fns.items()}
     else:
-        times = _median_ms_cpu(fns, reps, min_time_s)
+        times = _median_ms_wall(fns, reps, min_time_s)
     return times, errors
 
 
@@ -164,7 +196,7 @@ def copy_bandwidth_gbps(device, reps=20):
     def fn():
         dst.copy_(src)
 
-    ms = _median_ms_cuda(fn, reps) if device == "cuda" else _median_ms_cpu({"copy": fn}, reps)["copy"]
+    ms = _median_ms_cuda(fn, reps) if device == "cuda" else _median_ms_wall({"copy": fn}, reps)["copy"]
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 

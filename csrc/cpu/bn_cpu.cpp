@@ -490,16 +490,22 @@ template <class T> struct RowsDriver {
 }  // namespace
 
 struct CpuBackend {
+  static void count_batch(at::Tensor& batches) { ++*mptr<int64_t>(batches); }
   static void batch_stats(const Geometry& g, const at::Tensor& x, at::Tensor& mean, at::Tensor& var) {
     FASTBN_DISPATCH(x.scalar_type(), "fastbn_batch_stats", {
       const auto s = g.channels_last ? RowsDriver<T>(g).stats(cptr<T>(x)) : PlanarDriver<T>(g).stats(cptr<T>(x));
       for (int64_t c = 0; c < g.C; ++c) finalize_stats(s[c], Acc(0), mptr<Acc>(mean), mptr<Acc>(var), (Acc*)nullptr, c);
     });
   }
-  static void forward_train(const Operands& o, at::Tensor& y, at::Tensor& mean, at::Tensor& invstd, at::Tensor& var) {
+  static void forward_train(const Operands& o, at::Tensor& y, at::Tensor& mean, at::Tensor& invstd, at::Tensor& var,
+                            const Running& run) {
     FASTBN_DISPATCH(o.x.scalar_type(), "fastbn_forward_train", {
       if (o.g.channels_last) RowsDriver<T>(o.g).forward_train(o, y, mean, invstd, var);
       else PlanarDriver<T>(o.g).forward_train(o, y, mean, invstd, var);
+      const RunningStats<Acc> r = run.view<Acc>();
+      const Acc* m = cptr<Acc>(mean);
+      const Acc* v = cptr<Acc>(var);
+      for (int64_t c = 0; c < o.g.C; ++c) update_running(r, c, m[c], v[c], o.g.count());
     });
   }
   static void normalize(const Operands& o, at::Tensor& y) {
@@ -516,37 +522,32 @@ struct CpuBackend {
     });
   }
   static void grad_input(const Operands& o, const at::Tensor& dy, const at::Tensor& sum_dy,
-                         const at::Tensor& sum_dy_xhat, int64_t count, at::Tensor& dx, at::Tensor& dr) {
+                         const at::Tensor& sum_dy_xhat, const at::Tensor& count, at::Tensor& dx, at::Tensor& dr) {
+    const int64_t n = *cptr<int64_t>(count);
     FASTBN_DISPATCH(o.x.scalar_type(), "fastbn_grad_input", {
       const Acc* sdy = cptr<Acc>(sum_dy);
       const Acc* sdx = cptr<Acc>(sum_dy_xhat);
-      if (o.g.channels_last) RowsDriver<T>(o.g).grad_input(o, dy, sdy, sdx, count, dx, dr);
-      else PlanarDriver<T>(o.g).grad_input(o, dy, sdy, sdx, count, dx, dr);
-    });
-  }
-  static void update_running_stats(at::Tensor& rm, at::Tensor& rv, const at::Tensor& mean, const at::Tensor& var,
-                                   double momentum, int64_t count) {
-    AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "fastbn_update_running_stats", [&] {
-      scalar_t* m = rm.data_ptr<scalar_t>();
-      scalar_t* v = rv.data_ptr<scalar_t>();
-      const scalar_t* bm = mean.data_ptr<scalar_t>();
-      const scalar_t* bv = var.data_ptr<scalar_t>();
-      for (int64_t c = 0; c < mean.numel(); ++c)
-        running_update<scalar_t>(m[c], v[c], bm[c], bv[c], static_cast<scalar_t>(momentum), count);
+      if (o.g.channels_last) RowsDriver<T>(o.g).grad_input(o, dy, sdy, sdx, n, dx, dr);
+      else PlanarDriver<T>(o.g).grad_input(o, dy, sdy, sdx, n, dx, dr);
     });
   }
   static void merge_stats(const at::Tensor& counts, const at::Tensor& means, const at::Tensor& vars, double eps,
-                          at::Tensor& mean, at::Tensor& invstd, at::Tensor& var) {
+                          at::Tensor& mean, at::Tensor& invstd, at::Tensor& var, at::Tensor& total,
+                          const Running& run) {
     AT_DISPATCH_FLOATING_TYPES(means.scalar_type(), "fastbn_merge_stats", [&] {
       const int64_t W = means.size(0), C = means.size(1);
       const int64_t* n = counts.data_ptr<int64_t>();
       const scalar_t* pm = means.data_ptr<scalar_t>();
       const scalar_t* pv = vars.data_ptr<scalar_t>();
+      scalar_t* om = mean.data_ptr<scalar_t>();
+      scalar_t* ov = var.data_ptr<scalar_t>();
+      const RunningStats<scalar_t> r = run.view<scalar_t>();
       for (int64_t c = 0; c < C; ++c) {
         WelfordState<Fold> s{0, 0.0, 0.0};
         for (int64_t w = 0; w < W; ++w) s = chan_merge(s, rank_state<Fold>(n[w], pm[w * C + c], pv[w * C + c]));
-        finalize_stats(s, static_cast<scalar_t>(eps), mean.data_ptr<scalar_t>(), var.data_ptr<scalar_t>(),
-                       invstd.data_ptr<scalar_t>(), c);
+        finalize_stats(s, static_cast<scalar_t>(eps), om, ov, invstd.data_ptr<scalar_t>(), c);
+        update_running(r, c, om[c], ov[c], s.n);
+        if (c == 0) *total.data_ptr<int64_t>() = s.n;
       }
     });
   }

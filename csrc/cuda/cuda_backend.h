@@ -38,23 +38,26 @@ inline at::Tensor reduce_workspace(const Geometry& g, const at::Tensor& x, const
 }
 
 struct CudaBackend {
+  static void count_batch(at::Tensor& batches) { batches.add_(1); }
   static void batch_stats(const Geometry& g, const at::Tensor& x, at::Tensor& mean, at::Tensor& var) {
     c10::DeviceGuard guard(x.device());
     const LaunchEnv env = current_env();
     at::Tensor ws = reduce_workspace(g, x, env);
     FASTBN_DISPATCH(x.scalar_type(), "fastbn_cuda_batch_stats", {
-      check_launch(launch_stats<T>(g, cptr<T>(x), mptr<Acc>(mean), mptr<Acc>(var), nullptr, 0.0, ws.data_ptr(), env),
+      check_launch(launch_stats<T>(g, cptr<T>(x), mptr<Acc>(mean), mptr<Acc>(var), nullptr, 0.0, RunningStats<Acc>{},
+                                   ws.data_ptr(), env),
                    "batch_stats");
     });
   }
 
-  static void forward_train(const Operands& o, at::Tensor& y, at::Tensor& mean, at::Tensor& invstd, at::Tensor& var) {
+  static void forward_train(const Operands& o, at::Tensor& y, at::Tensor& mean, at::Tensor& invstd, at::Tensor& var,
+                            const Running& run) {
     c10::DeviceGuard guard(o.x.device());
     const LaunchEnv env = current_env();
     at::Tensor ws = reduce_workspace(o.g, o.x, env);
     FASTBN_DISPATCH(o.x.scalar_type(), "fastbn_cuda_forward_train", {
       check_launch(launch_stats<T>(o.g, cptr<T>(o.x), mptr<Acc>(mean), mptr<Acc>(var), mptr<Acc>(invstd), o.eps,
-                                   ws.data_ptr(), env),
+                                   run.view<Acc>(), ws.data_ptr(), env),
                    "forward_train (statistics)");
       const ChannelStats<Acc> st{mptr<Acc>(mean), mptr<Acc>(invstd), false, Acc(0)};
       check_launch(launch_normalize<T>(o.g, cptr<T>(o.x), mptr<T>(y), st, affine<Acc>(o), cptr<T>(o.residual), o.relu,
@@ -89,44 +92,36 @@ struct CudaBackend {
       if (dx.defined() || dr.defined()) {
         check_launch(launch_grad_input<T>(o.g, cptr<T>(dy), cptr<T>(o.x), st, af, cptr<T>(o.residual), o.relu,
                                           training, sums ? cptr<Acc>(sum_dy) : nullptr,
-                                          sums ? cptr<Acc>(sum_dy_xhat) : nullptr, o.g.count(), mptr<T>(dx),
-                                          mptr<T>(dr), env),
+                                          sums ? cptr<Acc>(sum_dy_xhat) : nullptr, o.g.count(), nullptr,
+                                          mptr<T>(dx), mptr<T>(dr), env),
                      "backward (grad_input)");
       }
     });
   }
 
   static void grad_input(const Operands& o, const at::Tensor& dy, const at::Tensor& sum_dy,
-                         const at::Tensor& sum_dy_xhat, int64_t count, at::Tensor& dx, at::Tensor& dr) {
+                         const at::Tensor& sum_dy_xhat, const at::Tensor& count, at::Tensor& dx, at::Tensor& dr) {
     c10::DeviceGuard guard(o.x.device());
     const LaunchEnv env = current_env();
     FASTBN_DISPATCH(o.x.scalar_type(), "fastbn_cuda_grad_input", {
       check_launch(launch_grad_input<T>(o.g, cptr<T>(dy), cptr<T>(o.x), channel_stats<Acc>(o), affine<Acc>(o),
                                         cptr<T>(o.residual), o.relu, /*training=*/true, cptr<Acc>(sum_dy),
-                                        cptr<Acc>(sum_dy_xhat), count, mptr<T>(dx), mptr<T>(dr), env),
+                                        cptr<Acc>(sum_dy_xhat), 0, cptr<int64_t>(count), mptr<T>(dx), mptr<T>(dr),
+                                        env),
                    "backward_elemt");
     });
   }
 
-  static void update_running_stats(at::Tensor& rm, at::Tensor& rv, const at::Tensor& mean, const at::Tensor& var,
-                                   double momentum, int64_t count) {
-    c10::DeviceGuard guard(mean.device());
-    const LaunchEnv env = current_env();
-    AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "fastbn_cuda_update_running_stats", [&] {
-      check_launch(launch_update_running<scalar_t>(mptr<scalar_t>(rm), mptr<scalar_t>(rv), cptr<scalar_t>(mean),
-                                                   cptr<scalar_t>(var), momentum, count, mean.numel(), env),
-                   "update_running_stats");
-    });
-  }
-
   static void merge_stats(const at::Tensor& counts, const at::Tensor& means, const at::Tensor& vars, double eps,
-                          at::Tensor& mean, at::Tensor& invstd, at::Tensor& var) {
+                          at::Tensor& mean, at::Tensor& invstd, at::Tensor& var, at::Tensor& total,
+                          const Running& run) {
     c10::DeviceGuard guard(means.device());
     const LaunchEnv env = current_env();
     AT_DISPATCH_FLOATING_TYPES(means.scalar_type(), "fastbn_cuda_merge_stats", [&] {
       check_launch(launch_merge_stats<scalar_t>(cptr<int64_t>(counts), cptr<scalar_t>(means), cptr<scalar_t>(vars),
                                                 means.size(0), means.size(1), eps, mptr<scalar_t>(mean),
-                                                mptr<scalar_t>(invstd), mptr<scalar_t>(var), env),
+                                                mptr<scalar_t>(invstd), mptr<scalar_t>(var), mptr<int64_t>(total),
+                                                run.view<scalar_t>(), env),
                    "merge_stats");
     });
   }

@@ -201,10 +201,11 @@ template <class Acc> struct GradArgs {
   const Acc* sum_dy;
   const Acc* sum_dy_xhat;
   int64_t count;
+  const int64_t* device_count;  // when not null, the count is read there
   bool training;
   __device__ __forceinline__ BwdCoef<Acc> coef(int64_t c) const {
     return backward_coef(st, af, c, training, sum_dy ? sum_dy[c] : Acc(0), sum_dy_xhat ? sum_dy_xhat[c] : Acc(0),
-                         count);
+                         device_count ? *device_count : count);
   }
 };
 
@@ -321,9 +322,10 @@ cudaError_t launch_grad_reduce(const Geometry& g, const T* dy, const T* x, Chann
 template <class T>
 cudaError_t launch_grad_input(const Geometry& g, const T* dy, const T* x, ChannelStats<acc_t<T>> st,
                               Affine<acc_t<T>> af, const T* r, bool relu, bool training, const acc_t<T>* sum_dy,
-                              const acc_t<T>* sum_dy_xhat, int64_t count, T* dx, T* dr, const LaunchEnv& env) {
+                              const acc_t<T>* sum_dy_xhat, int64_t count, const int64_t* device_count, T* dx, T* dr,
+                              const LaunchEnv& env) {
   constexpr int V = vec_width<T>();
-  const GradArgs<acc_t<T>> ga{st, af, sum_dy, sum_dy_xhat, count, training};
+  const GradArgs<acc_t<T>> ga{st, af, sum_dy, sum_dy_xhat, count, device_count, training};
   const bool aligned = aligned16(dy) && aligned16(x) && aligned16(r) && aligned16(dx) && aligned16(dr);
   if (g.channels_last) {
     const bool vec = g.C % V == 0 && aligned;
@@ -357,7 +359,7 @@ cudaError_t launch_grad_input(const Geometry& g, const T* dy, const T* x, Channe
                                              const LaunchEnv&);                                                    \
   template cudaError_t launch_grad_input<T>(const Geometry&, const T*, const T*, ChannelStats<acc_t<T>>,           \
                                             Affine<acc_t<T>>, const T*, bool, bool, const acc_t<T>*,               \
-                                            const acc_t<T>*, int64_t, T*, T*, const LaunchEnv&);
+                                            const acc_t<T>*, int64_t, const int64_t*, T*, T*, const LaunchEnv&);
 FASTBN_INSTANTIATE_GRAD(float)
 FASTBN_INSTANTIATE_GRAD(double)
 FASTBN_INSTANTIATE_GRAD(f16)

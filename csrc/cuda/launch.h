@@ -23,10 +23,11 @@ struct LaunchEnv {
 // g; the caller allocates them (caching allocator) and passes them to the launchers below.
 size_t reduce_workspace_bytes(const Geometry& g, int elem_size, int sm_count);
 
-// Per-channel mean and biased variance of x; invstd = 1 / sqrt(var + eps) when invstd != null.
+// Per-channel mean and biased variance of x; invstd = 1 / sqrt(var + eps) when invstd != null;
+// the running statistics in `run` (if any) updated with them (bn_math.h update_running).
 template <class T>
 cudaError_t launch_stats(const Geometry& g, const T* x, acc_t<T>* mean, acc_t<T>* var, acc_t<T>* invstd, double eps,
-                         void* workspace, const LaunchEnv& env);
+                         RunningStats<acc_t<T>> run, void* workspace, const LaunchEnv& env);
 
 // y = (x - mean) * invstd * w + b [+ r] [relu]; st gives mean and invstd (or var + eps).
 // x, y, r share the layout of g.
@@ -41,24 +42,22 @@ cudaError_t launch_grad_reduce(const Geometry& g, const T* dy, const T* x, Chann
                                Affine<acc_t<T>> af, const T* r, bool relu, acc_t<T>* sum_dy, acc_t<T>* sum_dy_xhat,
                                void* workspace, const LaunchEnv& env);
 
-// dx = A * dy_eff + Bm * (x - mean) + D (bn_math.h backward_coef; sums over `count` values, or
-// eval formula when !training); dr = dy_eff. dx and dr may each be null; sums may be null
-// when !training.
+// dx = A * dy_eff + Bm * (x - mean) + D (bn_math.h backward_coef; sums over `count` values, read
+// from device memory at device_count instead when that is not null, or eval formula when
+// !training); dr = dy_eff. dx and dr may each be null; sums may be null when !training.
 template <class T>
 cudaError_t launch_grad_input(const Geometry& g, const T* dy, const T* x, ChannelStats<acc_t<T>> st,
                               Affine<acc_t<T>> af, const T* r, bool relu, bool training, const acc_t<T>* sum_dy,
-                              const acc_t<T>* sum_dy_xhat, int64_t count, T* dx, T* dr, const LaunchEnv& env);
-
-// running = (1 - momentum) * running + momentum * batch, variance unbiased by count/(count-1).
-template <class Acc>
-cudaError_t launch_update_running(Acc* running_mean, Acc* running_var, const Acc* mean, const Acc* var,
-                                  double momentum, int64_t count, int64_t C, const LaunchEnv& env);
+                              const acc_t<T>* sum_dy_xhat, int64_t count, const int64_t* device_count, T* dx, T* dr,
+                              const LaunchEnv& env);
 
 // Chan merge of W per-rank statistics (counts [W], means/vars [W, C] biased) into
-// (mean, invstd, var) of the union.
+// (mean, invstd, var) of the union and *total, its count (C >= 1); the running statistics in
+// `run` (if any) updated with them.
 template <class Acc>
 cudaError_t launch_merge_stats(const int64_t* counts, const Acc* means, const Acc* vars, int64_t W, int64_t C,
-                               double eps, Acc* mean, Acc* invstd, Acc* var, const LaunchEnv& env);
+                               double eps, Acc* mean, Acc* invstd, Acc* var, int64_t* total, RunningStats<Acc> run,
+                               const LaunchEnv& env);
 
 }  // namespace cuda
 }  // namespace fastbn

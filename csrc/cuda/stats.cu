@@ -164,7 +164,7 @@ template <class Acc>
 __global__ void stats_finalize_kernel(const double* __restrict__ ws_shift, const int64_t* __restrict__ ws_n,
                                       const double* __restrict__ ws_mean, const double* __restrict__ ws_m2,
                                       int64_t splits, int64_t C, Acc eps, Acc* __restrict__ mean,
-                                      Acc* __restrict__ var, Acc* __restrict__ invstd) {
+                                      Acc* __restrict__ var, Acc* __restrict__ invstd, RunningStats<Acc> run) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   if (c >= C) return;  // the whole warp
   WelfordState<double> s{0, 0.0, 0.0};
@@ -191,6 +191,7 @@ __global__ void stats_finalize_kernel(const double* __restrict__ ws_shift, const
   if (threadIdx.x != 0) return;
   add_shift(s, ws_shift[c]);
   finalize_stats(s, eps, mean, var, invstd, c);
+  update_running(run, c, mean[c], var[c], s.n);
 }
 
 template <class T, int V>
@@ -218,7 +219,7 @@ size_t reduce_workspace_bytes(const Geometry& g, int elem_size, int sm_count) {
 
 template <class T>
 cudaError_t launch_stats(const Geometry& g, const T* x, acc_t<T>* mean, acc_t<T>* var, acc_t<T>* invstd, double eps,
-                         void* workspace, const LaunchEnv& env) {
+                         RunningStats<acc_t<T>> run, void* workspace, const LaunchEnv& env) {
   using Acc = acc_t<T>;
   constexpr int V = vec_width<T>();
   int64_t splits;
@@ -236,13 +237,13 @@ cudaError_t launch_stats(const Geometry& g, const T* x, acc_t<T>* mean, acc_t<T>
   ReduceWorkspace<double> ws(workspace, splits, g.C);
   FASTBN_LAUNCH(static_cast<unsigned>(ceil_div(g.C, kFinalizeChannels)), dim3(32, kFinalizeChannels), 0, env.stream,
                 stats_finalize_kernel<Acc>)(ws.shift, ws.n, ws.a, ws.b, splits, g.C, static_cast<Acc>(eps), mean, var,
-                                            invstd);
+                                            invstd, run);
   return cudaGetLastError();
 }
 
 #define FASTBN_INSTANTIATE_STATS(T)                                                                          \
-  template cudaError_t launch_stats<T>(const Geometry&, const T*, acc_t<T>*, acc_t<T>*, acc_t<T>*, double, void*, \
-                                       const LaunchEnv&);
+  template cudaError_t launch_stats<T>(const Geometry&, const T*, acc_t<T>*, acc_t<T>*, acc_t<T>*, double,          \
+                                       RunningStats<acc_t<T>>, void*, const LaunchEnv&);
 FASTBN_INSTANTIATE_STATS(float)
 FASTBN_INSTANTIATE_STATS(double)
 FASTBN_INSTANTIATE_STATS(f16)

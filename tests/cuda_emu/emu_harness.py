@@ -134,7 +134,7 @@ def reference_stats(t, case, variant):
     """fastbn's CPU statistics and backward sums: the inputs of the ops that take statistics."""
     w, b, r, relu = _args(t, variant)
     ops = torch.ops.fastbn
-    _, mean, invstd, var = ops.forward_train(t.x, w, b, r, EPS, relu)
+    _, mean, invstd, var = ops.forward_train(t.x, w, b, r, None, None, None, None, EPS, relu)
     s1, s2 = ops.backward_reduce(t.dy, t.x, mean, invstd, w, b, r, relu)
     return mean, invstd, var, s1, s2
 
@@ -166,10 +166,15 @@ def run_ops(ops, t, case, variant, ref, check_faults=None, poison=True):
             check_faults(name)
 
     with poisoned_outputs() if poison else contextlib.nullcontext():
-        record("forward_train", ops.forward_train(t.x, w, b, r, EPS, relu), ["y", "mean", "invstd", "var"])
-        rm, rv = t.rm.clone(), t.rv.clone()
-        ops.update_running_stats(rm, rv, mean, var, MOMENTUM, count)
-        record("update_running_stats", (rm, rv), ["running_mean", "running_var"])
+        record("forward_train", ops.forward_train(t.x, w, b, r, None, None, None, None, EPS, relu),
+               ["y", "mean", "invstd", "var"])
+        # Running statistics in the parameters' dtype: the input's (copies updated, written back) or float.
+        dt = w.dtype if w is not None else t.rm.dtype
+        rm, rv, nbt = t.rm.to(dt, copy=True), t.rv.to(dt, copy=True), torch.tensor(3)
+        ops.forward_train(t.x, w, b, r, rm, rv, nbt, MOMENTUM, EPS, relu)
+        record("forward_train[running]", (rm, rv, nbt), ["running_mean", "running_var", "num_batches_tracked"])
+        ops.forward_train(t.x, w, b, r, rm, rv, nbt, None, EPS, relu)  # cumulative: factor 1 / 5
+        record("forward_train[cumulative]", (rm, rv, nbt), ["running_mean", "running_var", "num_batches_tracked"])
         record("forward_eval", (ops.forward_eval(t.x, t.rm, t.rv, w, b, r, EPS, relu),), ["y"])
         record("backward_train", ops.backward_train(t.dy, t.x, mean, invstd, w, b, r, relu, [True] * 4),
                ["dx", "dw", "db", "dr"])
@@ -182,12 +187,15 @@ def run_ops(ops, t, case, variant, ref, check_faults=None, poison=True):
                ops.backward_eval(t.dy, t.x, t.rm, t.rv, w, b, r, EPS, relu, [True, False, False, False]),
                ["dx", "dw", "db", "dr"])
         record("batch_stats", ops.batch_stats(t.x), ["mean", "var"])
-        record("merge_stats", ops.merge_stats(t.counts, t.means, t.vars, EPS), ["mean", "invstd", "var"])
+        rm, rv = t.rm.clone(), t.rv.clone()
+        record("merge_stats", ops.merge_stats(t.counts, t.means, t.vars, rm, rv, None, MOMENTUM, EPS),
+               ["mean", "invstd", "var", "count"])
+        record("merge_stats[running]", (rm, rv), ["running_mean", "running_var"])
         record("normalize", (ops.normalize(t.x, mean, invstd, w, b, r, relu),), ["y"])
         record("backward_reduce", ops.backward_reduce(t.dy, t.x, mean, invstd, w, b, r, relu),
                ["sum_dy", "sum_dy_xhat"])
         record("backward_elemt",
-               ops.backward_elemt(t.dy, t.x, mean, invstd, w, b, r, relu, s1, s2, count, [True, True]),
+               ops.backward_elemt(t.dy, t.x, mean, invstd, w, b, r, relu, s1, s2, torch.tensor(count), [True, True]),
                ["dx", "dr"])
     return out
 
@@ -195,6 +203,8 @@ def run_ops(ops, t, case, variant, ref, check_faults=None, poison=True):
 def tolerance(name, value, count):
     """Tolerances for one output: per-channel sums as sums over `count` values, everything else
     (elementwise outputs, per-channel statistics) as correctly rounded values of its dtype."""
+    if not value.is_floating_point():
+        return dict(rtol=0, atol=0)
     if name.split(".")[-1] in ("dw", "db", "sum_dy", "sum_dy_xhat"):
         return reduction_tol(value.dtype, count)
     return tol(value.dtype)

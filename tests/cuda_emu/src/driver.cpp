@@ -103,24 +103,27 @@ template <class T> Outputs run_launchers(const Case<T>& cs, const std::vector<T>
   const LaunchEnv env{nullptr, sm};
   std::vector<unsigned char> ws(reduce_workspace_bytes(g, sizeof(T), sm), 0xFF);
   const std::string nm = cs.name();
-  check_status(launch_stats<T>(g, x, mean.data(), var.data(), invstd.data(), 1e-5, ws.data(), env), nm + " stats");
+  // Running statistics updated by the statistics' finalize, with the cumulative factor read
+  // from "device" memory (num_batches_tracked = 4).
+  std::vector<Acc> rm2 = rm, rv2 = rv;
+  const int64_t batches = 4;
+  check_status(launch_stats<T>(g, x, mean.data(), var.data(), invstd.data(), 1e-5,
+                               RunningStats<Acc>{rm2.data(), rv2.data(), &batches, 0.0}, ws.data(), env),
+               nm + " stats");
   const ChannelStats<Acc> st{mean.data(), invstd.data(), false, Acc(0)};
   const Affine<Acc> af{w.data(), b.data()};
   check_status(launch_normalize<T>(g, x, yb.data() + off, st, af, r, true, env), nm + " normalize");
   std::fill(ws.begin(), ws.end(), 0xFF);
   check_status(launch_grad_reduce<T>(g, dy, x, st, af, r, true, sdy.data(), sdxh.data(), ws.data(), env),
                nm + " grad_reduce");
-  check_status(launch_grad_input<T>(g, dy, x, st, af, r, true, true, sdy.data(), sdxh.data(), g.count(),
+  const int64_t count = g.count();  // read from "device" memory, as SyncBatchNorm's backward does
+  check_status(launch_grad_input<T>(g, dy, x, st, af, r, true, true, sdy.data(), sdxh.data(), 0, &count,
                                     dxb.data() + off, drb.data() + off, env),
                nm + " grad_input (training)");
   const ChannelStats<Acc> run{rm.data(), rv.data(), true, Acc(1e-5)};
-  check_status(launch_grad_input<T>(g, dy, x, run, af, nullptr, false, false, nullptr, nullptr, g.count(),
+  check_status(launch_grad_input<T>(g, dy, x, run, af, nullptr, false, false, nullptr, nullptr, g.count(), nullptr,
                                     dxe.data() + off, nullptr, env),
                nm + " grad_input (eval)");
-  std::vector<Acc> rm2 = rm, rv2 = rv;
-  check_status(launch_update_running<Acc>(rm2.data(), rv2.data(), mean.data(), var.data(), 0.1, g.count(),
-                                          static_cast<int64_t>(C), env),
-               nm + " update_running");
   const int64_t counts[3] = {g.count(), 7, g.count() / 2 + 1};
   std::vector<Acc> means(3 * C), vars(3 * C), mm(C), mi(C), mv(C);
   for (size_t k = 0; k < 3; ++k)
@@ -128,9 +131,13 @@ template <class T> Outputs run_launchers(const Case<T>& cs, const std::vector<T>
       means[k * C + c] = k == 0 ? mean[c] : static_cast<Acc>(next_uniform());
       vars[k * C + c] = k == 0 ? var[c] : static_cast<Acc>(next_uniform());
     }
+  std::vector<Acc> rm3 = rm, rv3 = rv;
+  int64_t total = -1;
   check_status(launch_merge_stats<Acc>(counts, means.data(), vars.data(), 3, static_cast<int64_t>(C), 1e-5, mm.data(),
-                                       mi.data(), mv.data(), env),
+                                       mi.data(), mv.data(), &total,
+                                       RunningStats<Acc>{rm3.data(), rv3.data(), nullptr, 0.1}, env),
                nm + " merge_stats");
+  if (total != counts[0] + counts[1] + counts[2]) fail(nm + " merge_stats total count");
 
   // Reference statistics and sums in double.
   for (size_t c = 0; c < C; ++c) {
@@ -152,6 +159,10 @@ template <class T> Outputs run_launchers(const Case<T>& cs, const std::vector<T>
     const double tol = sizeof(Acc) == 8 ? 1e-9 : 1e-4;
     if (std::fabs(mean[c] - mu) > tol * (1 + std::fabs(mu))) fail(nm + " mean of channel " + std::to_string(c));
     if (std::fabs(var[c] - s2 / m_cnt) > tol * (1 + s2 / m_cnt)) fail(nm + " var of channel " + std::to_string(c));
+    const double f = 1.0 / static_cast<double>(batches);
+    const double erm = (1 - f) * rm[c] + f * mean[c], erv = (1 - f) * rv[c] + f * var[c] * m_cnt / (m_cnt - 1);
+    if (std::fabs(rm2[c] - erm) > tol * (1 + std::fabs(erm)) || std::fabs(rv2[c] - erv) > tol * (1 + erv))
+      fail(nm + " running statistics of channel " + std::to_string(c));
     if (std::fabs(sdy[c] - gs) > tol * (10 + std::sqrt(m_cnt) * std::fabs(gs) / 10))
       fail(nm + " sum_dy of channel " + std::to_string(c));
     if (std::fabs(sdxh[c] - gs2 * invstd[c]) > tol * (10 + std::sqrt(m_cnt) * std::fabs(gs2 * invstd[c]) / 10))
@@ -159,7 +170,7 @@ template <class T> Outputs run_launchers(const Case<T>& cs, const std::vector<T>
   }
   Outputs o;
   o.add(mean), o.add(var), o.add(invstd), o.add(yb), o.add(sdy), o.add(sdxh), o.add(dxb), o.add(drb), o.add(dxe);
-  o.add(rm2), o.add(rv2), o.add(mm), o.add(mi), o.add(mv);
+  o.add(rm2), o.add(rv2), o.add(rm3), o.add(rv3), o.add(mm), o.add(mi), o.add(mv);
   return o;
 }
 

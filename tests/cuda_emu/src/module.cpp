@@ -24,7 +24,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastbn's CUDA kernels and CUDA backend, run on CPU tensors by the cuda_emu emulator";
   m.def("forward_train", &fastbn::forward_train<Backend>);
   m.def("forward_eval", &fastbn::forward_eval<Backend>);
-  m.def("update_running_stats", &fastbn::update_running_stats<Backend>);
   m.def("backward_train", &fastbn::backward_train<Backend>);
   m.def("backward_eval", &fastbn::backward_eval<Backend>);
   m.def("batch_stats", &fastbn::batch_stats<Backend>);
