@@ -1,6 +1,7 @@
-// Autograd of forward_train and forward_eval, registered at the Autograd key (every device),
-// so that Python, C++ callers, torch.compile and torch.export all see differentiable ops and
-// a training step runs no Python of fastbn's between the module and the kernels.
+// Autograd of forward_train and forward_eval, registered at the Autograd key (every device), so
+// that Python, C++ callers, torch.compile and torch.export all see differentiable ops and a
+// training step runs no Python of fastbn's between the module and the kernels; merge_stats is
+// registered there too, only to keep the version counters of what it mutates.
 //
 // First-order gradients come from the backward ops (backward_train, backward_eval). When a
 // graph of the backward is asked for (create_graph=True: double backward), the gradients are
@@ -33,6 +34,8 @@ using ForwardEvalSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at
                                   const Opt&, double, bool);
 using BackwardTrainSig = Tensor4(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                  const Opt&, const Opt&, const Opt&, bool, std::array<bool, 4>);
+using MergeStatsSig = Tensor4(const at::Tensor&, const at::Tensor&, const at::Tensor&, const Opt&, const Opt&,
+                              const Opt&, std::optional<double>, double);
 using BackwardEvalSig = Tensor4(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                 const Opt&, const Opt&, const Opt&, double, bool, std::array<bool, 4>);
 
@@ -47,6 +50,7 @@ FASTBN_OP_HANDLE(forward_train, ForwardTrainSig)
 FASTBN_OP_HANDLE(forward_eval, ForwardEvalSig)
 FASTBN_OP_HANDLE(backward_train, BackwardTrainSig)
 FASTBN_OP_HANDLE(backward_eval, BackwardEvalSig)
+FASTBN_OP_HANDLE(merge_stats, MergeStatsSig)
 #undef FASTBN_OP_HANDLE
 
 bool given(const Opt& t) { return t.has_value() && t->defined(); }
@@ -60,6 +64,18 @@ bool records_graph(const at::Tensor& input, const Opt& weight, const Opt& bias, 
          (input.requires_grad() || requires_grad(weight) || requires_grad(bias) || requires_grad(residual));
 }
 
+// Before an op mutates `mutated`: PyTorch's rule for inference tensors (an in-place update of
+// one outside inference mode is an error), checked before anything is written.
+void check_mutable(std::initializer_list<const Opt*> mutated) {
+  for (const Opt* t : mutated) {
+    TORCH_CHECK(!given(*t) || !(*t)->is_inference() || c10::InferenceMode::is_enabled(),
+                "Inplace update to inference tensor outside InferenceMode is not allowed.You can make a clone to get "
+                "a normal tensor before doing inplace update.See https://github.com/pytorch/rfcs/pull/17 for more "
+                "details.");
+  }
+}
+
+// After the op mutated them: their version counters record the in-place update.
 void bump_versions(std::initializer_list<const Opt*> mutated) {
   for (const Opt* t : mutated) {
     if (given(*t) && !(*t)->is_inference()) torch::autograd::impl::bump_version(**t);
@@ -209,6 +225,7 @@ struct EvalFunction : public torch::autograd::Function<EvalFunction> {
 Tensor4 forward_train_autograd(const at::Tensor& input, const Opt& weight, const Opt& bias, const Opt& residual,
                                const Opt& running_mean, const Opt& running_var, const Opt& num_batches_tracked,
                                std::optional<double> momentum, double eps, bool relu) {
+  check_mutable({&running_mean, &running_var, &num_batches_tracked});
   Tensor4 out;
   if (records_graph(input, weight, bias, residual)) {
     const variable_list o = TrainFunction::apply(
@@ -234,10 +251,26 @@ at::Tensor forward_eval_autograd(const at::Tensor& input, const at::Tensor& runn
   return forward_eval_op().call(input, running_mean, running_var, weight, bias, residual, eps, relu);
 }
 
+// merge_stats is not differentiable (SyncBatchNorm's autograd Function calls it in its
+// forward); at the Autograd key it records the in-place update of the running statistics.
+Tensor4 merge_stats_autograd(const at::Tensor& counts, const at::Tensor& means, const at::Tensor& vars,
+                             const Opt& running_mean, const Opt& running_var, const Opt& num_batches_tracked,
+                             std::optional<double> momentum, double eps) {
+  check_mutable({&running_mean, &running_var, &num_batches_tracked});
+  Tensor4 out;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    out = merge_stats_op().call(counts, means, vars, running_mean, running_var, num_batches_tracked, momentum, eps);
+  }
+  bump_versions({&running_mean, &running_var, &num_batches_tracked});
+  return out;
+}
+
 }  // namespace
 }  // namespace fastbn
 
 TORCH_LIBRARY_IMPL(fastbn, Autograd, m) {
   m.impl("forward_train", &fastbn::forward_train_autograd);
   m.impl("forward_eval", &fastbn::forward_eval_autograd);
+  m.impl("merge_stats", &fastbn::merge_stats_autograd);
 }

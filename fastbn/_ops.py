@@ -200,8 +200,12 @@ def _backward_train_fake(grad_out, input, save_mean, save_invstd, weight, bias, 
 
 @torch.library.register_fake("fastbn::backward_eval")
 def _backward_eval_fake(grad_out, input, running_mean, running_var, weight, bias, residual, eps, relu, output_mask):
+    _check_input(input)
     _check_eps(eps, False)
-    _check_backward(grad_out, input, running_mean, running_var, "running_mean", "running_var", weight, bias, residual)
+    _check_channel_param(running_mean, "running_mean", input)
+    _check_channel_param(running_var, "running_var", input)
+    _check_operands(input, weight, bias, residual)
+    _check_like_input(grad_out, "grad_out", input)
     return _backward_fake(input, weight, bias, residual, relu, output_mask)
 
 
@@ -217,6 +221,13 @@ def _merge_stats_fake(counts, means, vars, running_mean, running_var, num_batche
         f"fastbn: merge_stats expects means and vars of shape [world, C], got {_sizes(means)} and {_sizes(vars)}"))
     torch._check(counts.numel() == means.shape[0],
                  lambda: f"fastbn: merge_stats expects {means.shape[0]} counts, got {counts.numel()}")
+    torch._check(means.dtype in (torch.float32, torch.float64),
+                 lambda: "fastbn: merge_stats expects float or double statistics")
+    torch._check(vars.dtype == means.dtype, lambda: "fastbn: vars must have the means' dtype")
+    for t in (counts, vars):
+        torch._check(t.device == means.device, lambda: (
+            f"Expected all tensors to be on the same device, but found at least two devices, {means.device} and "
+            f"{t.device}!"))
     _check_eps(eps, True)
     c = means.shape[1]
     _check_running(running_mean, running_var, num_batches_tracked, momentum, means.device, c)
@@ -239,13 +250,14 @@ def _backward_reduce_fake(grad_out, input, mean, invstd, weight, bias, residual,
 @torch.library.register_fake("fastbn::backward_elemt")
 def _backward_elemt_fake(grad_out, input, mean, invstd, weight, bias, residual, relu, sum_dy, sum_dy_xhat, count,
                          output_mask):
-    _check_backward(grad_out, input, mean, invstd, "mean", "invstd", weight, bias, residual)
+    _check_backward(None, input, mean, invstd, "mean", "invstd", weight, bias, residual)
     _check_channel_param(sum_dy, "sum_dy", input)
     _check_channel_param(sum_dy_xhat, "sum_dy_xhat", input)
     torch._check(count.numel() == 1 and count.device == input.device and not count.is_floating_point()
                  and not count.is_complex(), lambda: (
                      f"fastbn: count must be a one-element integer tensor on {input.device}, got {_name(count.dtype)} "
                      f"of {count.numel()} elements on {count.device}"))
+    _check_like_input(grad_out, "grad_out", input)
     gi = _like_canonical(input) if output_mask[0] else _unused(input)
     gr = _like_canonical(input) if (output_mask[1] and relu and residual is not None) else _unused(input)
     return gi, gr

@@ -39,12 +39,14 @@ def batch_norm(
         raise ValueError(f"fastbn: activation must be None or 'relu', got {activation!r}")
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"batch_norm(): input must be a Tensor, not {type(input).__name__}")
+    if momentum is None:  # torch.batch_norm's message (modules pass momentum=None to the op itself)
+        raise TypeError("batch_norm(): argument 'momentum' (position 7) must be float, not NoneType")
     if (running_mean is None) != (running_var is None):
         raise ValueError("fastbn: running_mean and running_var must both be given or both be None")
     relu = activation == "relu"
     if training:
-        momentum = None if momentum is None else float(momentum)
-        return _forward_train(input, weight, bias, residual, running_mean, running_var, None, momentum, eps, relu)[0]
+        return _forward_train(input, weight, bias, residual, running_mean, running_var, None, float(momentum), eps,
+                              relu)[0]
     if running_mean is None:
         raise RuntimeError("running_mean must be defined in evaluation mode")
     return _forward_eval(input, running_mean, running_var, weight, bias, residual, eps, relu)

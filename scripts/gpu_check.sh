@@ -125,7 +125,7 @@ step_build() {
   "$PY" -c "import fastbn, torch
 assert fastbn.built_with_cuda() and torch.cuda.is_available()
 try:
-    fastbn.ops.forward_train(torch.randn(5, device='cuda'), None, None, None, 1e-5, False)
+    fastbn.ops.forward_train(torch.randn(5, device='cuda'), None, None, None, None, None, None, None, 1e-5, False)
     raise SystemExit('a 1-D input was accepted')
 except ValueError as e:
     assert 'got 1D input' in str(e), e

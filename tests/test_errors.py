@@ -155,6 +155,10 @@ def test_functional_eval_needs_running_stats(device):
         FF.batch_norm(torch.randn(2, 3, device=device), None, None, training=False)
     with pytest.raises(ValueError, match="activation must be None or 'relu'"):
         FF.batch_norm(torch.randn(2, 3, device=device), None, None, training=True, activation="gelu")
+    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+    for f in (FF.batch_norm, torch.nn.functional.batch_norm):  # momentum must be a number, as in torch
+        with pytest.raises(TypeError, match="argument 'momentum' .* must be float, not NoneType"):
+            f(torch.randn(2, 3, device=device), rm, rv, training=True, momentum=None)
 
 
 @requires_cuda

@@ -200,3 +200,26 @@ def test_ops_write_every_element(device):
             for t in outs:
                 if isinstance(t, torch.Tensor) and t.is_floating_point():
                     assert not torch.isnan(t).any(), str(op)
+
+
+def test_mutated_arguments_record_their_update():
+    """The ops that update running statistics bump their version counters (so autograd sees a
+    saved tensor go stale), and refuse inference tensors outside inference mode before writing
+    anything, as in-place ATen ops do."""
+    x = torch.randn(4, 3, 2, 2)
+    rm, rv, nbt = torch.zeros(3), torch.ones(3), torch.tensor(0)
+    for call in (lambda: ops.forward_train(x, None, None, None, rm, rv, nbt, 0.1, 1e-5, False),
+                 lambda: ops.merge_stats(torch.tensor([4, 5]), torch.randn(2, 3), torch.rand(2, 3), rm, rv, nbt, None,
+                                         1e-5)):
+        before = [t._version for t in (rm, rv, nbt)]
+        call()
+        assert all(t._version > v for t, v in zip((rm, rv, nbt), before))
+    with torch.inference_mode():
+        m, ref = fastbn.BatchNorm2d(3), torch.nn.BatchNorm2d(3)
+    for module in (ref, m):
+        with pytest.raises(RuntimeError, match="Inplace update to inference tensor outside InferenceMode"):
+            module(x)
+    assert int(m.num_batches_tracked) == 0 and torch.equal(m.running_mean, torch.zeros(3))
+    with torch.inference_mode():
+        m(x)
+    assert int(m.num_batches_tracked) == 1

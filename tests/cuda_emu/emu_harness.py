@@ -170,9 +170,10 @@ def run_ops(ops, t, case, variant, ref, check_faults=None, poison=True):
                ["y", "mean", "invstd", "var"])
         # Running statistics in the parameters' dtype: the input's (copies updated, written back) or float.
         dt = w.dtype if w is not None else t.rm.dtype
-        rm, rv, nbt = t.rm.to(dt, copy=True), t.rv.to(dt, copy=True), torch.tensor(3)
+        rm, rv, nbt = t.rm.to(dt, copy=True), t.rv.to(dt, copy=True), torch.tensor(3, device=t.x.device)
         ops.forward_train(t.x, w, b, r, rm, rv, nbt, MOMENTUM, EPS, relu)
-        record("forward_train[running]", (rm, rv, nbt), ["running_mean", "running_var", "num_batches_tracked"])
+        record("forward_train[running]", (rm.clone(), rv.clone(), nbt.clone()),
+               ["running_mean", "running_var", "num_batches_tracked"])
         ops.forward_train(t.x, w, b, r, rm, rv, nbt, None, EPS, relu)  # cumulative: factor 1 / 5
         record("forward_train[cumulative]", (rm, rv, nbt), ["running_mean", "running_var", "num_batches_tracked"])
         record("forward_eval", (ops.forward_eval(t.x, t.rm, t.rv, w, b, r, EPS, relu),), ["y"])
@@ -194,8 +195,8 @@ def run_ops(ops, t, case, variant, ref, check_faults=None, poison=True):
         record("normalize", (ops.normalize(t.x, mean, invstd, w, b, r, relu),), ["y"])
         record("backward_reduce", ops.backward_reduce(t.dy, t.x, mean, invstd, w, b, r, relu),
                ["sum_dy", "sum_dy_xhat"])
-        record("backward_elemt",
-               ops.backward_elemt(t.dy, t.x, mean, invstd, w, b, r, relu, s1, s2, torch.tensor(count), [True, True]),
+        n = torch.tensor(count, device=t.x.device)
+        record("backward_elemt", ops.backward_elemt(t.dy, t.x, mean, invstd, w, b, r, relu, s1, s2, n, [True, True]),
                ["dx", "dr"])
     return out
 
