@@ -11,12 +11,6 @@ bool is_supported_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
 
-void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& input) {
-  TORCH_CHECK(t.device() == input.device(),
-              "Expected all tensors to be on the same device, but found at least two devices, ", input.device(),
-              " and ", t.device(), "! (fastbn: ", name, " is on ", t.device(), ", input on ", input.device(), ")");
-}
-
 // Dense with the channel dimension innermost: (N, C, *S) stored as [N][*S][C].
 bool is_channels_last_dense(const at::Tensor& t) {
   const int64_t dim = t.dim();
@@ -32,6 +26,13 @@ bool is_channels_last_dense(const at::Tensor& t) {
   return sizes[0] == 1 || strides[0] == expected;
 }
 }  // namespace
+
+void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK(t.device() == ref.device(),
+              "Expected all tensors to be on the same device, but found at least two devices, ", ref.device(),
+              " and ", t.device(), "! (fastbn: ", name, " is on ", t.device(), ", ", ref_name, " on ", ref.device(),
+              ")");
+}
 
 void check_input(const at::Tensor& input) {
   TORCH_CHECK(input.defined(), "fastbn: input is undefined");

@@ -14,6 +14,9 @@ namespace fastbn {
 // input: >= 2 dims, floating dtype (float, double, half, bfloat16).
 void check_input(const at::Tensor& input);
 
+// t on ref's device (PyTorch's message, then which tensors: `name` and `ref_name`).
+void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name = "input");
+
 // Accumulation dtype for an input dtype: float for half/bfloat16/float, double for double.
 at::ScalarType acc_dtype(at::ScalarType input_dtype);
 

@@ -63,9 +63,11 @@ struct Running {
 class RunningArgs {
  public:
   RunningArgs() = default;
+  // ref (named ref_name in messages): the tensor whose device they must be on.
   RunningArgs(const Opt& mean, const Opt& var, const Opt& batches, std::optional<double> momentum, at::ScalarType acc,
-              const at::Device& device, int64_t C)
+              const at::Tensor& ref, const char* ref_name, int64_t C)
       : acc_(acc), C_(C), momentum_(momentum) {
+    const at::Device device = ref.device();
     const bool has_mean = mean.has_value() && mean->defined(), has_var = var.has_value() && var->defined();
     TORCH_CHECK_VALUE(has_mean == has_var, "fastbn: running_mean and running_var must both be given or both be None");
     if (has_mean) {
@@ -74,8 +76,7 @@ class RunningArgs {
       for (const at::Tensor* t : {&mean_, &var_}) {
         const char* name = t == &mean_ ? "running_mean" : "running_var";
         TORCH_CHECK(t->numel() == C, name, " should contain ", C, " elements not ", t->numel());
-        TORCH_CHECK(t->device() == device, "Expected all tensors to be on the same device, but found at least two ",
-                    "devices, ", device, " and ", t->device(), "! (fastbn: ", name, " is on ", t->device(), ")");
+        check_same_device(*t, name, ref, ref_name);
         TORCH_CHECK(at::isFloatingType(t->scalar_type()), "fastbn: ", name, " must be floating point, got ",
                     at::toString(t->scalar_type()));
       }
@@ -164,7 +165,7 @@ Tensor4 forward_train(const at::Tensor& input, const Opt& weight, const Opt& bia
   RunningArgs running;
   Operands o = prepare(input, weight, bias, residual, relu, [&](Operands& p) {
     running = RunningArgs(running_mean, running_var, num_batches_tracked, momentum, acc_dtype(input.scalar_type()),
-                          input.device(), p.g.C);
+                          input, "input", p.g.C);
   });
   check_eps(eps, /*training=*/true);
   check_train_count(input);
@@ -274,7 +275,7 @@ Tensor4 merge_stats(const at::Tensor& counts, const at::Tensor& means, const at:
   }
   check_eps(eps, /*training=*/true);
   const int64_t C = means.size(1);
-  RunningArgs running(running_mean, running_var, num_batches_tracked, momentum, means.scalar_type(), means.device(),
+  RunningArgs running(running_mean, running_var, num_batches_tracked, momentum, means.scalar_type(), means, "means",
                       C);
   at::Tensor mean = at::empty({C}, means.options()), invstd = at::empty({C}, means.options()),
              var = at::empty({C}, means.options());

@@ -75,10 +75,10 @@ def _sizes(t):
     return "[" + ", ".join(str(s) for s in t.shape) + "]"
 
 
-def _check_device(t, name, input):
-    torch._check(t.device == input.device, lambda: (
-        f"Expected all tensors to be on the same device, but found at least two devices, {input.device} and "
-        f"{t.device}! (fastbn: {name} is on {t.device}, input on {input.device})"))
+def _check_device(t, name, ref, ref_name="input"):
+    torch._check(t.device == ref.device, lambda: (
+        f"Expected all tensors to be on the same device, but found at least two devices, {ref.device} and "
+        f"{t.device}! (fastbn: {name} is on {t.device}, {ref_name} on {ref.device})"))
 
 
 def _check_input(input):
@@ -115,17 +115,17 @@ def _check_like_input(t, name, input):
                  lambda: f"fastbn: {name} has dtype {_name(t.dtype)} but input has dtype {_name(input.dtype)}")
 
 
-def _check_running(running_mean, running_var, num_batches_tracked, momentum, device, C):
-    """The running-statistics arguments of forward_train and merge_stats (op_impl.h RunningArgs)."""
+def _check_running(running_mean, running_var, num_batches_tracked, momentum, ref, ref_name, C):
+    """The running-statistics arguments of forward_train and merge_stats (op_impl.h RunningArgs):
+    on the device of `ref` (named `ref_name` in messages), C elements each."""
+    device = ref.device
     torch._check_value((running_mean is None) == (running_var is None),
                        lambda: "fastbn: running_mean and running_var must both be given or both be None")
     for name, t in (("running_mean", running_mean), ("running_var", running_var)):
         if t is None:
             continue
         torch._check(t.numel() == C, lambda: f"{name} should contain {C} elements not {t.numel()}")
-        torch._check(t.device == device, lambda: (
-            f"Expected all tensors to be on the same device, but found at least two devices, {device} and "
-            f"{t.device}! (fastbn: {name} is on {t.device})"))
+        _check_device(t, name, ref, ref_name)
         torch._check(t.is_floating_point(), lambda: f"fastbn: {name} must be floating point, got {_name(t.dtype)}")
     if num_batches_tracked is not None:
         t = num_batches_tracked
@@ -153,7 +153,7 @@ def _check_operands(input, weight, bias, residual):
 def _forward_train_fake(input, weight, bias, residual, running_mean, running_var, num_batches_tracked, momentum, eps,
                         relu):
     _check_input(input)
-    _check_running(running_mean, running_var, num_batches_tracked, momentum, input.device, input.shape[1])
+    _check_running(running_mean, running_var, num_batches_tracked, momentum, input, "input", input.shape[1])
     _check_operands(input, weight, bias, residual)
     _check_eps(eps, True)
     m = math.prod((input.shape[0],) + tuple(input.shape[2:]))
@@ -230,7 +230,7 @@ def _merge_stats_fake(counts, means, vars, running_mean, running_var, num_batche
             f"{t.device}!"))
     _check_eps(eps, True)
     c = means.shape[1]
-    _check_running(running_mean, running_var, num_batches_tracked, momentum, means.device, c)
+    _check_running(running_mean, running_var, num_batches_tracked, momentum, means, "means", c)
     return (means.new_empty((c,)), means.new_empty((c,)), means.new_empty((c,)),
             means.new_empty((), dtype=torch.int64))
 

@@ -9,10 +9,7 @@ import torch
 
 
 
-from ._ops import ops
-
-_forward_train = ops.forward_train.default
-_forward_eval = ops.forward_eval.default
+from .functional import _forward_eval, _forward_train
 
 
 def _param(module, name):
