@@ -29,7 +29,7 @@ def sources(pattern):
 
 
 cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=off", "-Wall", "-Wno-unknown-pragmas"]
-srcs = ["csrc/ops.cpp", "csrc/autograd.cpp", "csrc/checks.cpp", "csrc/module.cpp"] + sources("csrc/cpu/*.cpp")
+srcs = ["csrc/ops.cpp", "csrc/autograd.cpp", "csrc/checks.cpp", "csrc/module.cpp", "csrc/plan_binding.cpp"] + sources("csrc/cpu/*.cpp")
 ext_kwargs = dict(
     name="fastbn._C",
     include_dirs=[os.path.join(ROOT, "csrc")],

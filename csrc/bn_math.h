@@ -316,8 +316,11 @@ template <class Acc, class Load> FASTBN_HD Acc stats_shift(int64_t count, const 
 }
 // Offset of value j of a channel from its first value in an (N, C, S) tensor: planar, or
 // channels-last as S = 1 (rows of C values).
-FASTBN_HD int64_t channel_value_offset(int64_t j, int64_t C, int64_t S) {
-  return j < S ? j : (j / S) * (C * S) + j % S;  // no division within the first plane
+// j < kShiftSamples (32-bit division: a 64-bit one is a called subroutine on CUDA).
+FASTBN_HD int64_t channel_value_offset(int j, int64_t C, int64_t S) {
+  if (j < S) return j;  // no division within the first plane
+  const int s = static_cast<int>(S);  // S <= j here
+  return static_cast<int64_t>(j / s) * (C * S) + j % s;
 }
 template <class F> FASTBN_HD void add_shift(WelfordState<F>& s, F shift) { s.mean = s.mean + shift; }
 

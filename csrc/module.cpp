@@ -8,6 +8,8 @@ const char* isa_name();
 }
 }  // namespace fastbn
 
+PyObject* fastbn_cuda_launch_plan(PyObject* self, PyObject* args);  // plan_binding.cpp
+
 namespace {
 PyObject* cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(fastbn::cpu::isa_name()); }
 
@@ -22,6 +24,9 @@ PyObject* built_with_cuda(PyObject*, PyObject*) {
 PyMethodDef methods[] = {
     {"cpu_isa", cpu_isa, METH_NOARGS, "Instruction set of the CPU kernels in use: 'avx2' or 'base'."},
     {"built_with_cuda", built_with_cuda, METH_NOARGS, "Whether the CUDA kernels were compiled in."},
+    {"cuda_launch_plan", fastbn_cuda_launch_plan, METH_VARARGS,
+     "cuda_launch_plan(N, C, S, channels_last, dtype, aligned, sm_count, registers=None): the CUDA kernel "
+     "launches of a training step (csrc/plan_binding.cpp)."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "fastbn native ops (registered under torch.ops.fastbn)", -1,

@@ -13,7 +13,8 @@
 #  5. The module imports, `fastbn.built_with_cuda()` is True, and the test suite runs against
 #     this build with FASTBN_EXPECT_CUDA=1 (tests/test_build.py then requires a CUDA kernel for
 #     every op; CUDA tests skip without a GPU; tests/test_models.py trains torchvision's
-#     resnet18). The CUDA emulator tests are left out: they build their own module from the
+#     resnet18; FASTBN_PTXAS_LOG=the build log, so tests/test_plan.py checks the launch plan's
+#     waves and the kernels' registers and spills against this build's ptxas report). The CUDA emulator tests are left out: they build their own module from the
 #     same sources and ran in the main suite.
 # Extra arguments go to pytest. Exit status: non-zero on any failure.
 set -euo pipefail
@@ -86,7 +87,7 @@ print('fastbn', fastbn.__file__, '| built_with_cuda:', fastbn.built_with_cuda(),
 
 step "tests against the CUDA build"
 t_tests=$(date +%s)
-FASTBN_EXPECT_CUDA=1 PYTHONPATH=$WORK/src "$PY" -m pytest -q -rs -p no:cacheprovider tests \
+FASTBN_EXPECT_CUDA=1 FASTBN_PTXAS_LOG=$log PYTHONPATH=$WORK/src "$PY" -m pytest -q -rs -p no:cacheprovider tests \
   --ignore=tests/test_cuda_emu.py --ignore=tests/test_cuda_emu_seeded_bugs.py "$@"
 t_end=$(date +%s)
 echo "ci_cuda_build: PASS in $((t_end - t_start)) s (venv $((t_venv - t_start)) s, copy + build $((t_build - t_venv)) s," \

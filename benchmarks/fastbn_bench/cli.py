@@ -13,6 +13,7 @@ Contracts:
   globals: tests that replace them patch this module.
 """
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -72,7 +73,29 @@ def parse_args(argv=None):
                    help="where the .json, .csv and .png go (default: benchmarks/results)")
     p.add_argument("--tag", help="appended to the output file names: <device>-<date>[-quick][-tiny]-<tag>.*")
     p.add_argument("--no-chart", action="store_true", help="do not write the .png chart")
+    plan_group = p.add_argument_group("launch plan (no GPU needed)")
+    plan_group.add_argument("--plan", action="store_true",
+                            help="print the CUDA launch plan of every GPU-grid case (grids, blocks an SM holds, "
+                                 "waves, splits, vector bytes, merge chains, bytes a pass) and exit; --shapes, "
+                                 "--dtype and --layout filter it")
+    plan_group.add_argument("--sm-count", type=int, default=132, help="SMs of the planned device (default 132: H100)")
+    plan_group.add_argument("--l2-mb", type=float, default=50, help="L2 size of the planned device in MB (default 50)")
+    plan_group.add_argument("--ptxas-log", help="a build log with nvcc's -Xptxas -v report, for the registers "
+                                                "(default: compile csrc/cuda/*.cu for sm_90 with nvcc)")
     return p.parse_args(argv)
+
+
+def run_plan(args):
+    """bench.py --plan: prints the launch plan; exit status 0."""
+    from . import plan
+
+    cases = [c for c in plan.plan_cases()
+             if (not args.dtype or c[2] in args.dtype)
+             and (not args.layout or ("channels_last" if c[3] and len(c[1]) > 2 else "nchw") in args.layout
+                  or len(c[1]) == 2)
+             and (not args.shapes or re.search(args.shapes, c[0]))]
+    plan.print_plan(args.sm_count, args.l2_mb, plan.registers(args.ptxas_log), cases)
+    return 0
 
 
 def _has_triton():
@@ -107,6 +130,8 @@ def main(argv=None):
     """Command-line entry point; returns the exit status (1 when any row FAILs)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    if args.plan:
+        return run_plan(args)
     deadline = None if args.budget_s is None else time.monotonic() + args.budget_s
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():

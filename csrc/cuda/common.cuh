@@ -4,12 +4,14 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <cstdint>
-#include <initializer_list>
 #include <type_traits>
 
 #include "../bn_math.h"
 #include "launch.h"
+#include "plan.h"
 
 // Kernel launches and shared-memory declarations go through these macros, so that the CPU
 // emulator (tests/cuda_emu, which defines its own versions first) runs the same sources:
@@ -29,12 +31,6 @@
 
 namespace fastbn {
 namespace cuda {
-
-constexpr int kThreads = 256;        // threads per block, every kernel
-constexpr int kBlocksPerSM = 4;      // reduction grids aim for this many blocks per SM
-constexpr int64_t kMinPerBlock = 4096;  // values one reduction block handles, at least
-constexpr int kMaxGridY = 65535;
-constexpr int kElemBlocksPerSM = 16;  // elementwise grids: enough blocks to fill each SM, then loop
 
 // Values per 16-byte vector: float 4, double 2, f16/bf16 8.
 template <class T> constexpr int vec_width() { return static_cast<int>(16 / sizeof(T)); }
@@ -56,24 +52,6 @@ template <int N, class T> __device__ __forceinline__ void store_acc(T* __restric
   *reinterpret_cast<Pack<T, N>*>(p) = pk;
 }
 
-// Whether every pointer (null ones ignored) is aligned to `bytes`.
-inline bool aligned_to(size_t bytes, std::initializer_list<const void*> ptrs) {
-  for (const void* p : ptrs)
-    if (p != nullptr && reinterpret_cast<uintptr_t>(p) % bytes != 0) return false;
-  return true;
-}
-inline bool aligned16(const void* p) { return aligned_to(16, {p}); }
-
-// Vector width (values a thread loads at once) of a planar reduction over planes of S values
-// of type T: the 16-byte width when S is a multiple of it, else half of it (8 bytes; e.g.
-// 14x14 planes in half precision), else 1; wider only where every pointer is aligned to it.
-template <class T> inline int planar_reduce_vec(int64_t S, std::initializer_list<const void*> ptrs) {
-  constexpr int W = vec_width<T>();
-  if (S % W == 0 && aligned_to(sizeof(T) * W, ptrs)) return W;
-  if (W >= 4 && S % (W / 2) == 0 && aligned_to(sizeof(T) * W / 2, ptrs)) return W / 2;
-  return 1;
-}
-
 // Calls f(std::integral_constant<int, V>{}) for V = v, one of vec_width<T>(), its half, or 1.
 template <class T, class F> inline void with_vec(int v, F&& f) {
   constexpr int W = vec_width<T>();
@@ -87,12 +65,27 @@ template <class T, class F> inline void with_vec(int v, F&& f) {
   }
 }
 
-// Whether an elementwise pass over planes of S values takes the flat path (see
-// FlatPos): S not a multiple of the vector width W, but at least W (a vector spans at most
-// two planes), the element count a multiple of W and every pointer 16-byte aligned.
-template <class T> inline bool use_flat(int64_t S, int64_t numel, bool aligned) {
-  constexpr int W = vec_width<T>();
-  return S % W != 0 && S >= W && numel % W == 0 && aligned;
+// A kernel as a type (for resident_blocks' cache).
+template <auto Kernel> using KernelC = std::integral_constant<decltype(Kernel), Kernel>;
+
+// Blocks of `Kernel` (kThreads threads, at most `smem` bytes of dynamic shared memory) one SM
+// of `device` holds at once: the occupancy the reduction splits are sized for (plan.h
+// reduce_plan). Queried once per kernel and device.
+template <auto Kernel> int resident_blocks(int device, size_t smem) {
+  static std::array<std::atomic<int>, 64> cache{};
+  const bool cached = device >= 0 && static_cast<size_t>(device) < cache.size();
+  if (cached) {
+    const int known = cache[device].load(std::memory_order_relaxed);
+    if (known > 0) return known;
+  }
+  int n = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, Kernel, kThreads, smem) != cudaSuccess || n < 1) {
+    (void)cudaGetLastError();  // not fatal: size the split for one block an SM
+    return 1;
+  }
+  n = std::min(n, kMaxResident);
+  if (cached) cache[device].store(n, std::memory_order_relaxed);
+  return n;
 }
 
 // Position of flat element i of a planar (N, C, S) tensor: its channel c and how many values
@@ -105,100 +98,9 @@ struct FlatPos {
     c = plane % C;
     rest = (plane + 1) * S - i;
   }
-  // k[j] = coef(channel of the vector's value j); coef is called once, or twice where the
-  // vector crosses into the next plane.
-  template <int V, class K, class F> __device__ __forceinline__ void coefs(int64_t C, F coef, K (&k)[V]) const {
-    const K k0 = coef(c);
-    if (rest >= V) {
-#pragma unroll
-      for (int j = 0; j < V; ++j) k[j] = k0;
-      return;
-    }
-    const K k1 = coef(c + 1 == C ? 0 : c + 1);
-#pragma unroll
-    for (int j = 0; j < V; ++j) k[j] = j < rest ? k0 : k1;
-  }
+  // The channel of the vector's last values (c where the vector stays in one plane).
+  __device__ __forceinline__ int64_t next(int64_t C, int V) const { return rest >= V ? c : (c + 1 == C ? 0 : c + 1); }
 };
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-inline int next_pow2(int64_t v) {
-  int p = 1;
-  while (p < v && p < kThreads) p <<= 1;
-  return p;
-}
-
-// Channels-last thread block: x covers channel vectors (VC channels a thread), y covers rows.
-struct ClBlock {
-  int bx, by;
-  int64_t grid_x;
-  ClBlock(int64_t C, int vc) {
-    const int64_t cv = ceil_div(C, vc);
-    bx = std::min(32, next_pow2(cv));
-    by = kThreads / bx;
-    grid_x = ceil_div(cv, bx);
-  }
-};
-
-// grid.y of an elementwise kernel that needs `rows` thread rows of `by` threads, beside
-// grid_x blocks along x: enough blocks to fill the GPU; the threads loop over the rest, so
-// per-channel coefficients are computed once per thread, not once per vector.
-inline int64_t elementwise_grid_y(int64_t rows, int by, int64_t grid_x, int sm_count) {
-  const int64_t fill = ceil_div(static_cast<int64_t>(std::max(sm_count, 1)) * kElemBlocksPerSM, grid_x);
-  return std::max<int64_t>(1, std::min({ceil_div(rows, by), fill, static_cast<int64_t>(kMaxGridY)}));
-}
-
-// Blocks of kThreads of a flat elementwise pass over numel values, v a thread: enough to
-// fill the GPU; the threads loop over the rest.
-inline unsigned flat_blocks(int64_t numel, int v, int sm_count) {
-  const int64_t fill = static_cast<int64_t>(std::max(sm_count, 1)) * kElemBlocksPerSM;
-  return static_cast<unsigned>(std::max<int64_t>(1, std::min(ceil_div(ceil_div(numel, v), kThreads), fill)));
-}
-
-// Planar elementwise block: x covers positions in a plane (V values a thread), y covers planes.
-struct PlanarBlock {
-  int bx, by;
-  int64_t grid_x, grid_y;
-  PlanarBlock(int64_t planes, int64_t S, int v, int sm_count) {
-    bx = next_pow2(ceil_div(S, v));
-    by = kThreads / bx;
-    grid_x = ceil_div(ceil_div(S, v), bx);
-    grid_y = elementwise_grid_y(planes, by, grid_x, sm_count);
-  }
-};
-
-// Number of blocks each channel's reduction is split over (fills the GPU whatever C is).
-inline int64_t reduce_splits(const Geometry& g, int sm_count, int64_t channel_groups) {
-  const int64_t target = static_cast<int64_t>(std::max(sm_count, 1)) * kBlocksPerSM;
-  int64_t splits = ceil_div(target, std::max<int64_t>(channel_groups, 1));
-  splits = std::min(splits, ceil_div(g.count(), kMinPerBlock));
-  return std::max<int64_t>(1, std::min<int64_t>(splits, kMaxGridY));
-}
-
-// Splits of a reduction over geometry g: planar kernels run C * splits blocks (one channel
-// each); channels-last kernels run grid_x channel tiles * splits row groups, each block
-// covering min(C, bx * vc) channels of its rows.
-inline int64_t planar_splits(const Geometry& g, int sm_count) { return reduce_splits(g, sm_count, g.C); }
-inline int64_t cl_splits(const Geometry& g, int sm_count, int vc) {
-  const ClBlock blk(g.C, vc);
-  const int64_t target = static_cast<int64_t>(std::max(sm_count, 1)) * kBlocksPerSM;
-  int64_t splits = ceil_div(target, blk.grid_x);
-  splits = std::min(splits, ceil_div(g.rows() * std::min<int64_t>(g.C, blk.bx * vc), kMinPerBlock));
-  splits = std::min(splits, ceil_div(g.rows(), blk.by));
-  return std::max<int64_t>(1, std::min<int64_t>(splits, kMaxGridY));
-}
-
-// The splits every reduction launcher uses (the statistics and the backward sums): channels-
-// last with vc channels a thread (1, or the 16-byte vector width), or planar. The workspace
-// bound (stats.cu reduce_workspace_bytes) is the largest of these over both vc choices.
-inline int64_t reduction_splits(const Geometry& g, int sm_count, int vc) {
-  return g.channels_last ? cl_splits(g, sm_count, vc) : planar_splits(g, sm_count);
-}
-
-// Finalize kernels (the fixed-order merge of a reduction's `splits` partials per channel):
-// a warp per channel, kFinalizeChannels channels (warps) a block of dim3(32, kFinalizeChannels).
-constexpr int kFinalizeChannels = kThreads / 32;
-// Partials a finalize lane loads before merging them (independent loads in flight).
-constexpr int kFinalizeBatch = 4;
 
 // ---------------------------------------------------------------- reductions
 
@@ -310,10 +212,7 @@ __host__ __device__ __forceinline__ int64_t partial_index(int64_t k, int64_t c, 
   return c * splits + k;
 }
 
-// Workspace layout of a reduction with `splits` partials per channel:
-//   [double shift: C][int64 n: splits * C][Acc a: splits * C][Acc b: splits * C]
-// (partials at partial_index; shift: the statistics' per-channel shift, which the partial
-// kernels compute and the finalize adds back; the backward sums leave it unused).
+// A reduction's workspace (layout: plan.h reduce_workspace_bytes_for).
 template <class Acc> struct ReduceWorkspace {
   double* shift;
   int64_t* n;
@@ -325,11 +224,53 @@ template <class Acc> struct ReduceWorkspace {
     a = reinterpret_cast<Acc*>(n + splits * C);
     b = a + splits * C;
   }
-  static size_t bytes(int64_t splits, int64_t C) {
-    return static_cast<size_t>(C) * sizeof(double) +
-           static_cast<size_t>(splits * C) * (sizeof(int64_t) + 2 * sizeof(Acc));
+};
+
+// ---------------------------------------------------------------- finalize (plan.h finalize_plan)
+
+// Thread layout of a finalize block: kThreads threads, `lanes` a channel (a power of two).
+struct FinalizeLane {
+  int lanes, lane;
+  int64_t c;  // the channel; >= C for the idle threads of the last block
+  __device__ __forceinline__ explicit FinalizeLane(int lanes_) : lanes(lanes_) {
+    lane = static_cast<int>(threadIdx.x) & (lanes - 1);
+    c = static_cast<int64_t>(blockIdx.x) * (kThreads / lanes) + threadIdx.x / lanes;
+  }
+  // Calls take(k) for partials k = lane, lane + lanes, ... (< splits) in that order, loading
+  // kFinalizeBatch of them at once: load(k, j) fills slot j, use(j) merges it.
+  template <class Load, class Use>
+  __device__ __forceinline__ void walk(int64_t splits, const Load& load, const Use& use) const {
+    for (int64_t k0 = lane; k0 < splits; k0 += static_cast<int64_t>(lanes) * kFinalizeBatch) {
+#pragma unroll
+      for (int j = 0; j < kFinalizeBatch; ++j) {
+        const int64_t k = k0 + static_cast<int64_t>(lanes) * j;
+        if (k < splits) load(k, j);
+      }
+#pragma unroll
+      for (int j = 0; j < kFinalizeBatch; ++j)
+        if (k0 + static_cast<int64_t>(lanes) * j < splits) use(j);
+    }
   }
 };
+
+// Fixed-order tree over a channel's lanes: level off (lanes / 2, ..., 1) merges lane l + off
+// into lane l < off; the result is in lane 0. Levels of 32 and more go through `shared`
+// (kThreads states), the others through warp shuffles. Every thread of the block calls it.
+template <class State, class Merge, class Shfl>
+__device__ __forceinline__ State finalize_tree(State s, const FinalizeLane& fl, State* shared, const Merge& merge,
+                                               const Shfl& shfl) {
+  for (int off = fl.lanes / 2; off >= 32; off /= 2) {
+    shared[threadIdx.x] = s;
+    __syncthreads();
+    if (fl.lane < off) s = merge(s, shared[threadIdx.x + off]);
+    __syncthreads();
+  }
+  for (int off = fl.lanes < 32 ? fl.lanes / 2 : 16; off > 0; off /= 2) {
+    const State o = shfl(s, off);
+    if (fl.lane < off) s = merge(s, o);
+  }
+  return s;
+}
 
 }  // namespace cuda
 }  // namespace fastbn

@@ -38,6 +38,7 @@ LaunchEnv current_env() {
   LaunchEnv env;
   env.stream = stream.stream();
   env.sm_count = multiprocessor_count(stream.device_index());
+  env.device = stream.device_index();
   return env;
 }
 

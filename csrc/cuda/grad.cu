@@ -47,20 +47,23 @@ __device__ __forceinline__ void sums_vec(const T* __restrict__ dy, const T* __re
   sums_add<V>(g, v, res, r != nullptr, relu, k, s1, s2);
 }
 
+// Blocks an SM must hold (__launch_bounds__): register budgets without spills.
+template <class T, int V> constexpr int kGradPlanarMinBlocks = sizeof(T) == 8 || V == 8 ? 2 : 4;
+
 // Vectors of each tensor a thread of a planar backward-sum tile loads before using them.
 template <int V> constexpr int kGradTileVecs = V >= 4 ? 2 : 8 / V;
 
 // Planar: block b handles channel c = b / splits, split b % splits of its tiles (planar_tiles).
 template <class T, int V>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kGradPlanarMinBlocks<T, V>)
     grad_reduce_planar_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ r, bool relu,
                               int64_t N, int64_t C, int64_t S, int64_t splits, ChannelStats<acc_t<T>> st,
                               Affine<acc_t<T>> af, acc_t<T>* __restrict__ ws_a, acc_t<T>* __restrict__ ws_b) {
   using Acc = acc_t<T>;
   constexpr int K = kGradTileVecs<V>;
   FASTBN_SHARED_ARRAY(shared, 2 * (kThreads / 32), Acc);
-  const int64_t c = blockIdx.x / splits;
-  const int64_t split = blockIdx.x % splits;
+  const int64_t c = blockIdx.x / static_cast<unsigned>(splits);  // 32-bit: splits <= kMaxGridY
+  const int64_t split = blockIdx.x % static_cast<unsigned>(splits);
   const FwdCoef<Acc> k1 = forward_coef(st, af, c);
   FwdCoef<Acc> k[V];
   Acc s1[V], s2[V];
@@ -93,7 +96,7 @@ __global__ void __launch_bounds__(kThreads)
 
 // Dynamic shared memory: blockDim.y * blockDim.x * VC * 2 Acc.
 template <class T, int VC>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, sizeof(T) == 2 && VC > 1 ? 3 : 4)
     grad_reduce_cl_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ r, bool relu,
                           int64_t M, int64_t C, ChannelStats<acc_t<T>> st, Affine<acc_t<T>> af,
                           acc_t<T>* __restrict__ ws_a, acc_t<T>* __restrict__ ws_b) {
@@ -141,56 +144,56 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// A warp per channel (threadIdx.y): lane l sums partials l, l + 32, ... in order (in double;
-// kFinalizeBatch of them loaded at a time), then the lanes add in a fixed shuffle tree;
-// sum_dy_xhat is scaled by invstd.
+// plan.h finalize_plan: `lanes` threads a channel; lane l sums partials l, l + lanes, ... in
+// order (in double), then the lanes add in a fixed tree (finalize_tree); sum_dy_xhat is
+// scaled by invstd. Shared memory: kThreads pairs of doubles.
 template <class Acc>
-__global__ void grad_finalize_kernel(const Acc* __restrict__ ws_a, const Acc* __restrict__ ws_b, int64_t splits,
-                                     int64_t C, ChannelStats<Acc> st, Acc* __restrict__ sum_dy,
-                                     Acc* __restrict__ sum_dy_xhat) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
-  if (c >= C) return;  // the whole warp
-  double a = 0, b = 0;
-  for (int64_t k0 = threadIdx.x; k0 < splits; k0 += 32 * kFinalizeBatch) {
-    // All loads first (unconditional: past the last split the index is clamped and the
-    // value dropped below), so that they overlap; then the sums in order.
+__global__ void __launch_bounds__(kThreads)
+    grad_finalize_kernel(const Acc* __restrict__ ws_a, const Acc* __restrict__ ws_b, int64_t splits, int64_t C,
+                         int lanes, ChannelStats<Acc> st, Acc* __restrict__ sum_dy, Acc* __restrict__ sum_dy_xhat) {
+  struct Sums {
+    double a, b;
+  };
+  FASTBN_SHARED_ARRAY(shared, kThreads, Sums);
+  const FinalizeLane fl(lanes);
+  Sums s{0.0, 0.0};
+  if (fl.c < C) {
     Acc pa[kFinalizeBatch], pb[kFinalizeBatch];
-#pragma unroll
-    for (int j = 0; j < kFinalizeBatch; ++j) {
-      const int64_t i = partial_index(min(k0 + 32 * j, splits - 1), c, splits);
-      pa[j] = ws_a[i];
-      pb[j] = ws_b[i];
-    }
-#pragma unroll
-    for (int j = 0; j < kFinalizeBatch; ++j) {
-      if (k0 + 32 * j < splits) {
-        a += static_cast<double>(pa[j]);
-        b += static_cast<double>(pb[j]);
-      }
-    }
+    fl.walk(
+        splits,
+        [&](int64_t k, int j) {
+          const int64_t i = partial_index(k, fl.c, splits);
+          pa[j] = ws_a[i];
+          pb[j] = ws_b[i];
+        },
+        [&](int j) {
+          s.a += static_cast<double>(pa[j]);
+          s.b += static_cast<double>(pb[j]);
+        });
   }
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    a += __shfl_down_sync(0xffffffffu, a, off);
-    b += __shfl_down_sync(0xffffffffu, b, off);
-  }
-  if (threadIdx.x == 0) finalize_grad_sums(a, b, st, c, sum_dy, sum_dy_xhat);
+  s = finalize_tree(
+      s, fl, shared, [](const Sums& x, const Sums& y) { return Sums{x.a + y.a, x.b + y.b}; },
+      [](const Sums& x, int off) {
+        return Sums{__shfl_down_sync(0xffffffffu, x.a, off), __shfl_down_sync(0xffffffffu, x.b, off)};
+      });
+  if (fl.c < C && fl.lane == 0) finalize_grad_sums(s.a, s.b, st, fl.c, sum_dy, sum_dy_xhat);
 }
 
 // dx = grad_input(dy_eff) (A * dy_eff + Bm * (x - mean) + D in training, A * dy_eff in
-// evaluation); dr = dy_eff.
-template <int V, class T, class Acc>
+// evaluation); dr = dy_eff. fk(i), bk(i): the forward and backward coefficients of value i.
+template <int V, class T, class FK, class BK>
 __device__ __forceinline__ void grad_vec(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ r,
-                                         bool relu, const FwdCoef<Acc> (&k)[V], const BwdCoef<Acc> (&gk)[V],
-                                         int64_t off, T* __restrict__ dx, T* __restrict__ dr) {
+                                         bool relu, const FK& fk, const BK& bk, int64_t off, T* __restrict__ dx,
+                                         T* __restrict__ dr) {
+  using Acc = acc_t<T>;
   Acc g[V], v[V], res[V];
   load_grad_operands<V>(dy, x, r, off, g, v, res);
 #pragma unroll
-  for (int i = 0; i < V; ++i) g[i] = effective_dy(g[i], v[i], k[i], res[i], r != nullptr, relu);
+  for (int i = 0; i < V; ++i) g[i] = effective_dy(g[i], v[i], fk(i), res[i], r != nullptr, relu);
   if (dr) store_acc<V>(dr + off, g);
   if (dx) {
 #pragma unroll
-    for (int i = 0; i < V; ++i) v[i] = grad_input(g[i], v[i], gk[i]);
+    for (int i = 0; i < V; ++i) v[i] = grad_input(g[i], v[i], bk(i));
     store_acc<V>(dx + off, v);
   }
 }
@@ -210,7 +213,7 @@ template <class Acc> struct GradArgs {
 };
 
 template <class T, int V>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 4)
     grad_input_planar_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ r, bool relu,
                              int64_t planes, int64_t C, int64_t S, GradArgs<acc_t<T>> ga, T* __restrict__ dx,
                              T* __restrict__ dr) {
@@ -218,51 +221,37 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t p = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; p < planes;
        p += static_cast<int64_t>(gridDim.y) * blockDim.y) {
     const int64_t c = p % C;
-    const FwdCoef<Acc> k1 = forward_coef(ga.st, ga.af, c);
-    const BwdCoef<Acc> g1 = ga.coef(c);
-    FwdCoef<Acc> k[V];
-    BwdCoef<Acc> gk[V];
-#pragma unroll
-    for (int i = 0; i < V; ++i) {
-      k[i] = k1;
-      gk[i] = g1;
-    }
+    const FwdCoef<Acc> k = forward_coef(ga.st, ga.af, c);
+    const BwdCoef<Acc> gk = ga.coef(c);
     const int64_t base = p * S;
     for (int64_t s = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * V; s < S;
          s += static_cast<int64_t>(gridDim.x) * blockDim.x * V)
-      grad_vec<V>(dy, x, r, relu, k, gk, base + s, dx, dr);
+      grad_vec<V>(dy, x, r, relu, [&](int) { return k; }, [&](int) { return gk; }, base + s, dx, dr);
   }
 }
 
 // Flat (as normalize_flat_kernel): vectors of V values over the (N, C, S) tensor seen as
 // numel values; a vector crossing into the next plane takes its coefficients there.
 template <class T, int V>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, sizeof(T) == 8 ? 3 : 4)
     grad_input_flat_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ r, bool relu,
                            int64_t numel, int64_t C, int64_t S, GradArgs<acc_t<T>> ga, T* __restrict__ dx,
                            T* __restrict__ dr) {
   using Acc = acc_t<T>;
   for (int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * V; i < numel;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x * V) {
-    struct Coefs {
-      FwdCoef<Acc> f;
-      BwdCoef<Acc> b;
-    };
-    Coefs both[V];  // one FlatPos::coefs call: one branch for both coefficient sets
-    FlatPos(i, C, S).coefs(C, [&](int64_t c) { return Coefs{forward_coef(ga.st, ga.af, c), ga.coef(c)}; }, both);
-    FwdCoef<Acc> k[V];
-    BwdCoef<Acc> gk[V];
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-      k[j] = both[j].f;
-      gk[j] = both[j].b;
-    }
-    grad_vec<V>(dy, x, r, relu, k, gk, i, dx, dr);
+    const FlatPos pos(i, C, S);
+    const int64_t c1 = pos.next(C, V);
+    const FwdCoef<Acc> k0 = forward_coef(ga.st, ga.af, pos.c), k1 = forward_coef(ga.st, ga.af, c1);
+    const BwdCoef<Acc> g0 = ga.coef(pos.c), g1 = ga.coef(c1);
+    grad_vec<V>(
+        dy, x, r, relu, [&](int j) { return j < pos.rest ? k0 : k1; }, [&](int j) { return j < pos.rest ? g0 : g1; },
+        i, dx, dr);
   }
 }
 
 template <class T, int VC>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 4)
     grad_input_cl_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ r, bool relu,
                          int64_t M, int64_t C, GradArgs<acc_t<T>> ga, T* __restrict__ dx, T* __restrict__ dr) {
   using Acc = acc_t<T>;
@@ -277,7 +266,12 @@ __global__ void __launch_bounds__(kThreads)
   }
   for (int64_t m = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; m < M;
        m += static_cast<int64_t>(gridDim.y) * blockDim.y)
-    grad_vec<VC>(dy, x, r, relu, k, gk, m * C + c0, dx, dr);
+    grad_vec<VC>(dy, x, r, relu, [&](int i) { return k[i]; }, [&](int i) { return gk[i]; }, m * C + c0, dx, dr);
+}
+
+// Dynamic shared memory of grad_reduce_cl_kernel for a block of bx x by threads.
+template <class T> size_t grad_cl_smem(int bx, int by, int vc) {
+  return static_cast<size_t>(by) * bx * vc * 2 * sizeof(acc_t<T>);
 }
 
 }  // namespace
@@ -287,35 +281,30 @@ cudaError_t launch_grad_reduce(const Geometry& g, const T* dy, const T* x, Chann
                                Affine<acc_t<T>> af, const T* r, bool relu, acc_t<T>* sum_dy, acc_t<T>* sum_dy_xhat,
                                void* workspace, const LaunchEnv& env) {
   using Acc = acc_t<T>;
-  constexpr int V = vec_width<T>();
-  const bool aligned = aligned16(dy) && aligned16(x) && aligned16(r);
-  int64_t splits;
-  if (g.channels_last) {
-    const bool vec = g.C % V == 0 && aligned;
-    splits = reduction_splits(g, env.sm_count, vec ? V : 1);
-    ReduceWorkspace<Acc> ws(workspace, splits, g.C);
-    const ClBlock blk(g.C, vec ? V : 1);
-    const dim3 grid(static_cast<unsigned>(blk.grid_x), static_cast<unsigned>(splits)), block(blk.bx, blk.by);
-    const size_t smem = static_cast<size_t>(blk.by) * blk.bx * (vec ? V : 1) * 2 * sizeof(Acc);
-    if (vec)
-      FASTBN_LAUNCH(grid, block, smem, env.stream, grad_reduce_cl_kernel<T, V>)(dy, x, r, relu, g.rows(), g.C, st, af,
-                                                                                ws.a, ws.b);
-    else
-      FASTBN_LAUNCH(grid, block, smem, env.stream, grad_reduce_cl_kernel<T, 1>)(dy, x, r, relu, g.rows(), g.C, st, af,
-                                                                                ws.a, ws.b);
-  } else {
-    splits = reduction_splits(g, env.sm_count, 1);
-    ReduceWorkspace<Acc> ws(workspace, splits, g.C);
-    with_vec<T>(planar_reduce_vec<T>(g.S, {dy, x, r}), [&](auto v) {
-      FASTBN_LAUNCH(static_cast<unsigned>(g.C * splits), kThreads, 0, env.stream,
-                    grad_reduce_planar_kernel<T, decltype(v)::value>)(dy, x, r, relu, g.N, g.C, g.S, splits, st, af,
-                                                                     ws.a, ws.b);
-    });
-  }
-  ReduceWorkspace<Acc> ws(workspace, splits, g.C);
-  FASTBN_LAUNCH(static_cast<unsigned>(ceil_div(g.C, kFinalizeChannels)), dim3(32, kFinalizeChannels), 0, env.stream,
-                grad_finalize_kernel<Acc>)(
-      ws.a, ws.b, splits, g.C, st, sum_dy, sum_dy_xhat);
+  const ReduceShape sh = reduce_shape(g, sizeof(T), pointer_alignment({dy, x, r}));
+  ReducePlan p{};
+  ReduceWorkspace<Acc> ws(workspace, 1, g.C);
+  with_vec<T>(sh.vec, [&](auto v) {
+    constexpr int V = decltype(v)::value;
+    if (sh.walk == Walk::channels_last) {
+      if constexpr (V == 1 || V == vec_width<T>()) {
+        constexpr auto kernel = &grad_reduce_cl_kernel<T, V>;
+        p = reduce_plan(g, sh, env.sm_count, resident_blocks<kernel>(env.device, grad_cl_smem<T>(1, kThreads, V)));
+        ws = ReduceWorkspace<Acc>(workspace, p.splits, g.C);
+        FASTBN_LAUNCH(dim3(p.grid_x, p.grid_y), dim3(p.block_x, p.block_y), grad_cl_smem<T>(p.block_x, p.block_y, V),
+                      env.stream, grad_reduce_cl_kernel<T, V>)(dy, x, r, relu, g.rows(), g.C, st, af, ws.a, ws.b);
+      }
+    } else {
+      constexpr auto kernel = &grad_reduce_planar_kernel<T, V>;
+      p = reduce_plan(g, sh, env.sm_count, resident_blocks<kernel>(env.device, 0));
+      ws = ReduceWorkspace<Acc>(workspace, p.splits, g.C);
+      FASTBN_LAUNCH(p.grid_x, kThreads, 0, env.stream, grad_reduce_planar_kernel<T, V>)(
+          dy, x, r, relu, g.N, g.C, g.S, p.splits, st, af, ws.a, ws.b);
+    }
+  });
+  const FinalizePlan f = finalize_plan(g.C, p.splits);
+  FASTBN_LAUNCH(f.blocks, kThreads, 0, env.stream, grad_finalize_kernel<Acc>)(ws.a, ws.b, p.splits, g.C, f.lanes, st,
+                                                                             sum_dy, sum_dy_xhat);
   return cudaGetLastError();
 }
 
@@ -324,32 +313,25 @@ cudaError_t launch_grad_input(const Geometry& g, const T* dy, const T* x, Channe
                               Affine<acc_t<T>> af, const T* r, bool relu, bool training, const acc_t<T>* sum_dy,
                               const acc_t<T>* sum_dy_xhat, int64_t count, const int64_t* device_count, T* dx, T* dr,
                               const LaunchEnv& env) {
-  constexpr int V = vec_width<T>();
   const GradArgs<acc_t<T>> ga{st, af, sum_dy, sum_dy_xhat, count, device_count, training};
-  const bool aligned = aligned16(dy) && aligned16(x) && aligned16(r) && aligned16(dx) && aligned16(dr);
-  if (g.channels_last) {
-    const bool vec = g.C % V == 0 && aligned;
-    const ClBlock blk(g.C, vec ? V : 1);
-    const int64_t gy = elementwise_grid_y(g.rows(), blk.by, blk.grid_x, env.sm_count);
-    const dim3 grid(static_cast<unsigned>(blk.grid_x), static_cast<unsigned>(gy)), block(blk.bx, blk.by);
-    if (vec)
-      FASTBN_LAUNCH(grid, block, 0, env.stream, grad_input_cl_kernel<T, V>)(dy, x, r, relu, g.rows(), g.C, ga, dx, dr);
-    else
-      FASTBN_LAUNCH(grid, block, 0, env.stream, grad_input_cl_kernel<T, 1>)(dy, x, r, relu, g.rows(), g.C, ga, dx, dr);
-  } else if (const int64_t numel = g.N * g.C * g.S; use_flat<T>(g.S, numel, aligned)) {
-    FASTBN_LAUNCH(flat_blocks(numel, V, env.sm_count), kThreads, 0, env.stream, grad_input_flat_kernel<T, V>)(
-        dy, x, r, relu, numel, g.C, g.S, ga, dx, dr);
-  } else {
-    const bool vec = g.S % V == 0 && aligned;
-    const PlanarBlock blk(g.N * g.C, g.S, vec ? V : 1, env.sm_count);
-    const dim3 grid(static_cast<unsigned>(blk.grid_x), static_cast<unsigned>(blk.grid_y)), block(blk.bx, blk.by);
-    if (vec)
-      FASTBN_LAUNCH(grid, block, 0, env.stream, grad_input_planar_kernel<T, V>)(dy, x, r, relu, g.N * g.C, g.C, g.S, ga,
-                                                                               dx, dr);
-    else
-      FASTBN_LAUNCH(grid, block, 0, env.stream, grad_input_planar_kernel<T, 1>)(dy, x, r, relu, g.N * g.C, g.C, g.S, ga,
-                                                                               dx, dr);
-  }
+  const ElemPlan p = elementwise_plan(g, sizeof(T), pointer_alignment({dy, x, r, dx, dr}), env.sm_count);
+  const dim3 grid(p.grid_x, p.grid_y), block(p.block_x, p.block_y);
+  with_vec<T>(p.vec, [&](auto v) {
+    constexpr int V = decltype(v)::value;
+    if (p.walk == Walk::channels_last) {
+      if constexpr (V == 1 || V == cl_elem_vec(sizeof(T)))
+        FASTBN_LAUNCH(grid, block, 0, env.stream, grad_input_cl_kernel<T, V>)(dy, x, r, relu, g.rows(), g.C, ga, dx,
+                                                                             dr);
+    } else if (p.walk == Walk::flat) {
+      if constexpr (V == vec_width<T>())
+        FASTBN_LAUNCH(grid, block, 0, env.stream, grad_input_flat_kernel<T, V>)(dy, x, r, relu, g.numel(), g.C, g.S,
+                                                                               ga, dx, dr);
+    } else {
+      if constexpr (V == 1 || V == vec_width<T>())
+        FASTBN_LAUNCH(grid, block, 0, env.stream, grad_input_planar_kernel<T, V>)(dy, x, r, relu, g.N * g.C, g.C,
+                                                                                 g.S, ga, dx, dr);
+    }
+  });
   return cudaGetLastError();
 }
 

@@ -17,6 +17,7 @@ namespace cuda {
 struct LaunchEnv {
   cudaStream_t stream;
   int sm_count;  // multiprocessors of the current device
+  int device;    // the current device's index
 };
 
 // Bytes of device workspace the per-channel reductions (stats, grad sums) need for geometry

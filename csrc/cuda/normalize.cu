@@ -11,40 +11,37 @@ namespace cuda {
 
 namespace {
 
-// v = forward_value(v) in place; res is read only when has_res.
-template <int V, class Acc>
-__device__ __forceinline__ void affine_values(Acc (&v)[V], const Acc (&res)[V], bool has_res, bool relu,
-                                              const FwdCoef<Acc> (&k)[V]) {
+// v = forward_value(v) in place; res is read only when has_res; fk(i): value i's coefficients.
+template <int V, class Acc, class FK>
+__device__ __forceinline__ void affine_values(Acc (&v)[V], const Acc (&res)[V], bool has_res, bool relu, const FK& fk) {
 #pragma unroll
-  for (int i = 0; i < V; ++i) v[i] = forward_value(v[i], k[i], has_res ? res[i] : Acc(0), has_res, relu);
+  for (int i = 0; i < V; ++i) v[i] = forward_value(v[i], fk(i), has_res ? res[i] : Acc(0), has_res, relu);
 }
 
-template <int V, class T, class Acc>
+template <int V, class T, class FK>
 __device__ __forceinline__ void affine_vec(const T* __restrict__ x, T* __restrict__ y, const T* __restrict__ r,
-                                           bool relu, const FwdCoef<Acc> (&k)[V], int64_t off) {
+                                           bool relu, const FK& fk, int64_t off) {
+  using Acc = acc_t<T>;
   Acc v[V];
   load_acc<V>(x + off, v);
   Acc res[V];
   if (r) load_acc<V>(r + off, res);
-  affine_values<V>(v, res, r != nullptr, relu, k);
+  affine_values<V>(v, res, r != nullptr, relu, fk);
   store_acc<V>(y + off, v);
 }
 
 template <class T, int V>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 4)
     normalize_planar_kernel(const T* __restrict__ x, T* __restrict__ y, const T* __restrict__ r, bool relu,
                             int64_t planes, int64_t C, int64_t S, ChannelStats<acc_t<T>> st, Affine<acc_t<T>> af) {
   using Acc = acc_t<T>;
   for (int64_t p = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; p < planes;
        p += static_cast<int64_t>(gridDim.y) * blockDim.y) {
-    const FwdCoef<Acc> k1 = forward_coef(st, af, p % C);
-    FwdCoef<Acc> k[V];
-#pragma unroll
-    for (int i = 0; i < V; ++i) k[i] = k1;
+    const FwdCoef<Acc> k = forward_coef(st, af, p % C);
     const int64_t base = p * S;
     for (int64_t s = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * V; s < S;
          s += static_cast<int64_t>(gridDim.x) * blockDim.x * V) {
-      affine_vec<V>(x, y, r, relu, k, base + s);
+      affine_vec<V>(x, y, r, relu, [&](int) { return k; }, base + s);
     }
   }
 }
@@ -53,20 +50,20 @@ __global__ void __launch_bounds__(kThreads)
 // seen as numel values (numel a multiple of V, S >= V); a vector that crosses into the next
 // plane takes that plane's coefficients for its last values (FlatPos).
 template <class T, int V>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 4)
     normalize_flat_kernel(const T* __restrict__ x, T* __restrict__ y, const T* __restrict__ r, bool relu,
                           int64_t numel, int64_t C, int64_t S, ChannelStats<acc_t<T>> st, Affine<acc_t<T>> af) {
   using Acc = acc_t<T>;
   for (int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * V; i < numel;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x * V) {
-    FwdCoef<Acc> k[V];
-    FlatPos(i, C, S).coefs(C, [&](int64_t c) { return forward_coef(st, af, c); }, k);
-    affine_vec<V>(x, y, r, relu, k, i);
+    const FlatPos pos(i, C, S);
+    const FwdCoef<Acc> k0 = forward_coef(st, af, pos.c), k1 = forward_coef(st, af, pos.next(C, V));
+    affine_vec<V>(x, y, r, relu, [&](int j) { return j < pos.rest ? k0 : k1; }, i);
   }
 }
 
 template <class T, int VC>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 4)
     normalize_cl_kernel(const T* __restrict__ x, T* __restrict__ y, const T* __restrict__ r, bool relu, int64_t M,
                         int64_t C, ChannelStats<acc_t<T>> st, Affine<acc_t<T>> af) {
   using Acc = acc_t<T>;
@@ -85,29 +82,13 @@ __global__ void __launch_bounds__(kThreads)
       load_acc<VC>(r + m * C + c0, r0);
       load_acc<VC>(r + (m + stride) * C + c0, r1);
     }
-    affine_values<VC>(v0, r0, r != nullptr, relu, k);
-    affine_values<VC>(v1, r1, r != nullptr, relu, k);
+    const auto fk = [&](int i) { return k[i]; };
+    affine_values<VC>(v0, r0, r != nullptr, relu, fk);
+    affine_values<VC>(v1, r1, r != nullptr, relu, fk);
     store_acc<VC>(y + m * C + c0, v0);
     store_acc<VC>(y + (m + stride) * C + c0, v1);
   }
-  if (m < M) affine_vec<VC>(x, y, r, relu, k, m * C + c0);
-}
-
-template <class T, int V>
-void launch_planar(const Geometry& g, const T* x, T* y, ChannelStats<acc_t<T>> st, Affine<acc_t<T>> af, const T* r,
-                   bool relu, const LaunchEnv& env) {
-  const PlanarBlock blk(g.N * g.C, g.S, V, env.sm_count);
-  FASTBN_LAUNCH(dim3(static_cast<unsigned>(blk.grid_x), static_cast<unsigned>(blk.grid_y)), dim3(blk.bx, blk.by), 0,
-                env.stream, normalize_planar_kernel<T, V>)(x, y, r, relu, g.N * g.C, g.C, g.S, st, af);
-}
-
-template <class T, int VC>
-void launch_cl(const Geometry& g, const T* x, T* y, ChannelStats<acc_t<T>> st, Affine<acc_t<T>> af, const T* r,
-               bool relu, const LaunchEnv& env) {
-  const ClBlock blk(g.C, VC);
-  const int64_t gy = elementwise_grid_y(g.rows(), blk.by, blk.grid_x, env.sm_count);
-  FASTBN_LAUNCH(dim3(static_cast<unsigned>(blk.grid_x), static_cast<unsigned>(gy)), dim3(blk.bx, blk.by), 0, env.stream,
-                normalize_cl_kernel<T, VC>)(x, y, r, relu, g.rows(), g.C, st, af);
+  if (m < M) affine_vec<VC>(x, y, r, relu, [&](int i) { return k[i]; }, m * C + c0);
 }
 
 }  // namespace
@@ -115,22 +96,23 @@ void launch_cl(const Geometry& g, const T* x, T* y, ChannelStats<acc_t<T>> st, A
 template <class T>
 cudaError_t launch_normalize(const Geometry& g, const T* x, T* y, ChannelStats<acc_t<T>> st, Affine<acc_t<T>> af,
                              const T* r, bool relu, const LaunchEnv& env) {
-  constexpr int V = vec_width<T>();
-  const bool aligned = aligned16(x) && aligned16(y) && aligned16(r);
-  if (g.channels_last) {
-    if (g.C % V == 0 && aligned) launch_cl<T, V>(g, x, y, st, af, r, relu, env);
-    else launch_cl<T, 1>(g, x, y, st, af, r, relu, env);
-  } else {
-    const int64_t numel = g.N * g.C * g.S;
-    if (g.S % V == 0 && aligned) {
-      launch_planar<T, V>(g, x, y, st, af, r, relu, env);
-    } else if (use_flat<T>(g.S, numel, aligned)) {
-      FASTBN_LAUNCH(flat_blocks(numel, V, env.sm_count), kThreads, 0, env.stream, normalize_flat_kernel<T, V>)(
-          x, y, r, relu, numel, g.C, g.S, st, af);
+  const ElemPlan p = elementwise_plan(g, sizeof(T), pointer_alignment({x, y, r}), env.sm_count);
+  const dim3 grid(p.grid_x, p.grid_y), block(p.block_x, p.block_y);
+  with_vec<T>(p.vec, [&](auto v) {
+    constexpr int V = decltype(v)::value;
+    if (p.walk == Walk::channels_last) {
+      if constexpr (V == 1 || V == cl_elem_vec(sizeof(T)))
+        FASTBN_LAUNCH(grid, block, 0, env.stream, normalize_cl_kernel<T, V>)(x, y, r, relu, g.rows(), g.C, st, af);
+    } else if (p.walk == Walk::flat) {
+      if constexpr (V == vec_width<T>())
+        FASTBN_LAUNCH(grid, block, 0, env.stream, normalize_flat_kernel<T, V>)(x, y, r, relu, g.numel(), g.C, g.S, st,
+                                                                              af);
     } else {
-      launch_planar<T, 1>(g, x, y, st, af, r, relu, env);
+      if constexpr (V == 1 || V == vec_width<T>())
+        FASTBN_LAUNCH(grid, block, 0, env.stream, normalize_planar_kernel<T, V>)(x, y, r, relu, g.N * g.C, g.C, g.S,
+                                                                                st, af);
     }
-  }
+  });
   return cudaGetLastError();
 }
 

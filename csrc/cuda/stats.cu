@@ -3,7 +3,8 @@
 //   1. partial kernel: block (channel [tile], split) -> Welford state into the workspace, in
 //      double; the threads accumulate in the accumulation type, and the planar kernel's block
 //      merges their states in double, so that a float mean is rounded once, at the end
-//   2. finalize kernel: a warp per channel merges its splits' states (Chan, in double, fixed order)
+//   2. finalize kernel: `lanes` threads a channel merge its splits' states (Chan, in double,
+//      fixed order; plan.h finalize_plan)
 // The states are of the values minus a per-channel shift (bn_math.h stats_shift, from the
 // channel's first values), so that a large common offset costs no digits; the partial kernel
 // stores it in the workspace and the finalize adds it back.
@@ -31,16 +32,20 @@ template <int V> constexpr int kStatsTileVecs = V >= 4 ? 4 : 16 / V;
 
 // Planar: block b handles channel c = b / splits, split b % splits of its tiles (planar_tiles);
 // a thread merges each whole tile's K * V values as one state (welford_add_vec).
+// Blocks an SM must hold (__launch_bounds__): a register budget without spills (plan.h
+// blocks_per_sm gives the occupancy the ptxas report implies).
+template <class T> constexpr int kStatsPlanarMinBlocks = sizeof(T) == 8 ? 2 : 3;
+
 template <class T, int V>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kStatsPlanarMinBlocks<T>)
     stats_planar_kernel(const T* __restrict__ x, int64_t N, int64_t C, int64_t S, int64_t splits,
                         double* __restrict__ ws_shift, int64_t* __restrict__ ws_n, double* __restrict__ ws_mean,
                         double* __restrict__ ws_m2) {
   using Acc = acc_t<T>;
   constexpr int K = kStatsTileVecs<V>;
   FASTBN_SHARED_ARRAY(shared, kThreads / 32, WelfordState<double>);
-  const int64_t c = blockIdx.x / splits;
-  const int64_t split = blockIdx.x % splits;
+  const int64_t c = blockIdx.x / static_cast<unsigned>(splits);  // 32-bit: splits <= kMaxGridY
+  const int64_t split = blockIdx.x % static_cast<unsigned>(splits);
   const Acc shift = stats_shift<Acc>(N * S, [&](int j) { return to_acc(x[c * S + channel_value_offset(j, C, S)]); });
   WelfordState<Acc> st{0, Acc(0), Acc(0)};
   const auto load_shifted = [&](int64_t o, Acc(&w)[V]) {  // the V values at o, minus the shift
@@ -74,16 +79,21 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Rows a channels-last statistics thread loads before merging them (one block_stats group
+// per channel, one Chan merge weight for the VC channels).
+template <int VC> constexpr int kStatsClRows = VC >= 4 ? 4 : 8;
+
 // Channels-last: thread (tx, ty) of block (bx, by) accumulates VC consecutive channels over
-// rows ty + by * blockDim.y + k * gridDim.y * blockDim.y; the block then merges over ty in
-// Acc (a double tree slowed half-precision forwards: DESIGN_NOTES.md) and stores the states
-// in double.
+// rows r = ty + by * blockDim.y + k * gridDim.y * blockDim.y, kStatsClRows rows at a time
+// (the rest one by one); the block then merges over ty in Acc (a double tree slowed
+// half-precision forwards: DESIGN_NOTES.md) and stores the states in double.
 // Dynamic shared memory: blockDim.y * (blockDim.x * VC * 2 Acc + 1 int64).
 template <class T, int VC>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, VC > 1 && sizeof(T) != 4 ? 3 : 4)
     stats_cl_kernel(const T* __restrict__ x, int64_t M, int64_t C, double* __restrict__ ws_shift,
                     int64_t* __restrict__ ws_n, double* __restrict__ ws_mean, double* __restrict__ ws_m2) {
   using Acc = acc_t<T>;
+  constexpr int R = kStatsClRows<VC>;
   FASTBN_DYNAMIC_SHARED(smem);
   const int bx = blockDim.x, by = blockDim.y, tx = threadIdx.x, ty = threadIdx.y;
   const int width = bx * VC;
@@ -99,23 +109,41 @@ __global__ void __launch_bounds__(kThreads)
   if (c0 < C) {
     // The VC channels' shifts, a row of them at a time (stats_shift's bits).
     stats_shifts<VC>(M, [&](int j, Acc (&v)[VC]) { load_acc<VC>(x + j * C + c0, v); }, shift);
-    for (int64_t m = static_cast<int64_t>(blockIdx.y) * by + ty; m < M; m += static_cast<int64_t>(gridDim.y) * by) {
+    const int64_t stride = static_cast<int64_t>(gridDim.y) * by;
+    int64_t m = static_cast<int64_t>(blockIdx.y) * by + ty;
+    for (; m + (R - 1) * stride < M; m += R * stride) {  // R rows: every load, then the merges
+      Pack<T, VC> pk[R];
+#pragma unroll
+      for (int r = 0; r < R; ++r) pk[r] = *reinterpret_cast<const Pack<T, VC>*>(x + (m + r * stride) * C + c0);
+      const ChanWeights<Acc> w = chan_weights<Acc>(n > 0 ? n : 1, R);
+#pragma unroll
+      for (int i = 0; i < VC; ++i) {
+        Acc v[R], bmean, bm2;
+#pragma unroll
+        for (int r = 0; r < R; ++r) v[r] = to_acc(pk[r].v[i]) - shift[i];
+        block_stats(v, R, bmean, bm2);
+        if (n == 0) {
+          mean[i] = bmean;
+          m2[i] = bm2;
+        } else {
+          chan_absorb(mean[i], m2[i], bmean, bm2, w);
+        }
+      }
+      n += R;
+    }
+    for (; m < M; m += stride) {  // the last rows, one at a time (welford_add)
       Acc v[VC];
       load_acc<VC>(x + m * C + c0, v);
+      const ChanWeights<Acc> w = chan_weights<Acc>(n > 0 ? n : 1, 1);
 #pragma unroll
-      for (int i = 0; i < VC; ++i) v[i] -= shift[i];
-      // welford_add for VC channels at once, the merge weights shared.
-      if (n == 0) {  // the first row: single_state
-#pragma unroll
-        for (int i = 0; i < VC; ++i) {
-          const WelfordState<Acc> one = single_state(v[i]);
+      for (int i = 0; i < VC; ++i) {
+        const WelfordState<Acc> one = single_state(v[i] - shift[i]);
+        if (n == 0) {
           mean[i] = one.mean;
           m2[i] = one.m2;
+        } else {
+          chan_absorb(mean[i], m2[i], one.mean, one.m2, w);
         }
-      } else {
-        const ChanWeights<Acc> w = chan_weights<Acc>(n, 1);
-#pragma unroll
-        for (int i = 0; i < VC; ++i) chan_absorb(mean[i], m2[i], v[i], single_state(v[i]).m2, w);
       }
       n += 1;
     }
@@ -156,88 +184,87 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// A warp per channel (threadIdx.y): lane l merges partials l, l + 32, ... in order (in
-// double; kFinalizeBatch of them loaded at a time), then the lanes merge in a fixed shuffle
-// tree; the order depends on `splits` alone. The partials are of the values minus the
-// channel's shift (ws_shift, stored by the partial kernel), added back here.
+// plan.h finalize_plan: `lanes` threads a channel; lane l merges partials l, l + lanes, ...
+// in order (in double), then the lanes merge in a fixed tree (finalize_tree); the order
+// depends on `splits` alone. The partials are of the values minus the channel's shift
+// (ws_shift, stored by the partial kernel), added back here. Shared memory: kThreads states.
 template <class Acc>
-__global__ void stats_finalize_kernel(const double* __restrict__ ws_shift, const int64_t* __restrict__ ws_n,
-                                      const double* __restrict__ ws_mean, const double* __restrict__ ws_m2,
-                                      int64_t splits, int64_t C, Acc eps, Acc* __restrict__ mean,
-                                      Acc* __restrict__ var, Acc* __restrict__ invstd, RunningStats<Acc> run) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
-  if (c >= C) return;  // the whole warp
+__global__ void __launch_bounds__(kThreads)
+    stats_finalize_kernel(const double* __restrict__ ws_shift, const int64_t* __restrict__ ws_n,
+                          const double* __restrict__ ws_mean, const double* __restrict__ ws_m2, int64_t splits,
+                          int64_t C, int lanes, Acc eps, Acc* __restrict__ mean, Acc* __restrict__ var,
+                          Acc* __restrict__ invstd, RunningStats<Acc> run) {
+  FASTBN_SHARED_ARRAY(shared, kThreads, WelfordState<double>);
+  const FinalizeLane fl(lanes);
   WelfordState<double> s{0, 0.0, 0.0};
-  for (int64_t k0 = threadIdx.x; k0 < splits; k0 += 32 * kFinalizeBatch) {
-    // All loads first (unconditional: past the last split the index is clamped and the
-    // value dropped below), so that they overlap; then the merges in order.
-    int64_t pn[kFinalizeBatch];
-    double pmean[kFinalizeBatch], pm2[kFinalizeBatch];
-#pragma unroll
-    for (int j = 0; j < kFinalizeBatch; ++j) {
-      const int64_t i = partial_index(min(k0 + 32 * j, splits - 1), c, splits);
-      pn[j] = ws_n[i];
-      pmean[j] = ws_mean[i];
-      pm2[j] = ws_m2[i];
-    }
-#pragma unroll
-    for (int j = 0; j < kFinalizeBatch; ++j) {
-      if (k0 + 32 * j < splits)
-        s = chan_merge(s, WelfordState<double>{pn[j], pmean[j], pm2[j]});
-    }
+  if (fl.c < C) {
+    WelfordState<double> p[kFinalizeBatch];
+    fl.walk(
+        splits,
+        [&](int64_t k, int j) {
+          const int64_t i = partial_index(k, fl.c, splits);
+          p[j] = WelfordState<double>{ws_n[i], ws_mean[i], ws_m2[i]};
+        },
+        [&](int j) { s = chan_merge(s, p[j]); });
   }
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) s = chan_merge(s, shfl_down(s, off));
-  if (threadIdx.x != 0) return;
-  add_shift(s, ws_shift[c]);
-  finalize_stats(s, eps, mean, var, invstd, c);
-  update_running(run, c, mean[c], var[c], s.n);
+  s = finalize_tree(
+      s, fl, shared, [](const WelfordState<double>& a, const WelfordState<double>& b) { return chan_merge(a, b); },
+      [](const WelfordState<double>& a, int off) { return shfl_down(a, off); });
+  if (fl.c >= C || fl.lane != 0) return;
+  add_shift(s, ws_shift[fl.c]);
+  finalize_stats(s, eps, mean, var, invstd, fl.c);
+  update_running(run, fl.c, mean[fl.c], var[fl.c], s.n);
 }
 
-template <class T, int V>
-void launch_planar(const Geometry& g, const T* x, ReduceWorkspace<double>& ws, int64_t splits, cudaStream_t stream) {
-  FASTBN_LAUNCH(static_cast<unsigned>(g.C * splits), kThreads, 0, stream, stats_planar_kernel<T, V>)(
-      x, g.N, g.C, g.S, splits, ws.shift, ws.n, ws.a, ws.b);
+// Dynamic shared memory of stats_cl_kernel for a block of bx x by threads.
+template <class T> size_t stats_cl_smem(int bx, int by, int vc) {
+  return static_cast<size_t>(by) * (static_cast<size_t>(bx) * vc * 2 * sizeof(acc_t<T>) + sizeof(int64_t));
 }
 
-template <class T, int VC>
-void launch_cl(const Geometry& g, const T* x, ReduceWorkspace<double>& ws, int64_t splits, cudaStream_t stream) {
-  const ClBlock blk(g.C, VC);
-  const dim3 grid(static_cast<unsigned>(blk.grid_x), static_cast<unsigned>(splits));
-  const dim3 block(blk.bx, blk.by);
-  const size_t smem = static_cast<size_t>(blk.by) * (blk.bx * VC * 2 * sizeof(acc_t<T>) + sizeof(int64_t));
-  FASTBN_LAUNCH(grid, block, smem, stream, stats_cl_kernel<T, VC>)(x, g.rows(), g.C, ws.shift, ws.n, ws.a, ws.b);
+// The statistics' partial kernel for shape sh, and the occupancy its split is sized for.
+template <class T, class F> void with_stats_kernel(ReduceShape sh, F&& f) {
+  with_vec<T>(sh.vec, [&](auto v) {
+    constexpr int V = decltype(v)::value;
+    if (sh.walk == Walk::channels_last) {
+      if constexpr (V == 1 || V == vec_width<T>()) f(KernelC<&stats_cl_kernel<T, V>>{}, stats_cl_smem<T>(1, kThreads, V));
+    } else {
+      f(KernelC<&stats_planar_kernel<T, V>>{}, size_t{0});
+    }
+  });
 }
 
 }  // namespace
 
 size_t reduce_workspace_bytes(const Geometry& g, int elem_size, int sm_count) {
-  const int v = 16 / elem_size;  // vec_width<T>()
-  const int64_t splits = std::max(reduction_splits(g, sm_count, 1), reduction_splits(g, sm_count, v));
-  return ReduceWorkspace<double>::bytes(splits, g.C);  // statistics partials are double (sums: Acc, no larger)
+  return reduce_workspace_bound(g, elem_size, sm_count);  // statistics partials are double (sums: Acc, no larger)
 }
 
 template <class T>
 cudaError_t launch_stats(const Geometry& g, const T* x, acc_t<T>* mean, acc_t<T>* var, acc_t<T>* invstd, double eps,
                          RunningStats<acc_t<T>> run, void* workspace, const LaunchEnv& env) {
   using Acc = acc_t<T>;
-  constexpr int V = vec_width<T>();
-  int64_t splits;
-  if (g.channels_last) {
-    const bool vec = g.C % V == 0 && aligned16(x);
-    splits = reduction_splits(g, env.sm_count, vec ? V : 1);
-    ReduceWorkspace<double> ws(workspace, splits, g.C);
-    if (vec) launch_cl<T, V>(g, x, ws, splits, env.stream);
-    else launch_cl<T, 1>(g, x, ws, splits, env.stream);
-  } else {
-    splits = reduction_splits(g, env.sm_count, 1);
-    ReduceWorkspace<double> ws(workspace, splits, g.C);
-    with_vec<T>(planar_reduce_vec<T>(g.S, {x}), [&](auto v) { launch_planar<T, decltype(v)::value>(g, x, ws, splits, env.stream); });
-  }
-  ReduceWorkspace<double> ws(workspace, splits, g.C);
-  FASTBN_LAUNCH(static_cast<unsigned>(ceil_div(g.C, kFinalizeChannels)), dim3(32, kFinalizeChannels), 0, env.stream,
-                stats_finalize_kernel<Acc>)(ws.shift, ws.n, ws.a, ws.b, splits, g.C, static_cast<Acc>(eps), mean, var,
-                                            invstd, run);
+  const ReduceShape sh = reduce_shape(g, sizeof(T), pointer_alignment({x}));
+  ReducePlan p{};
+  with_stats_kernel<T>(sh, [&](auto kernel, size_t smem_bound) {
+    p = reduce_plan(g, sh, env.sm_count, resident_blocks<decltype(kernel)::value>(env.device, smem_bound));
+  });
+  ReduceWorkspace<double> ws(workspace, p.splits, g.C);
+  with_vec<T>(sh.vec, [&](auto v) {
+    constexpr int V = decltype(v)::value;
+    if (sh.walk == Walk::channels_last) {
+      if constexpr (V == 1 || V == vec_width<T>()) {
+        FASTBN_LAUNCH(dim3(p.grid_x, p.grid_y), dim3(p.block_x, p.block_y),
+                      stats_cl_smem<T>(p.block_x, p.block_y, V), env.stream, stats_cl_kernel<T, V>)(
+            x, g.rows(), g.C, ws.shift, ws.n, ws.a, ws.b);
+      }
+    } else {
+      FASTBN_LAUNCH(p.grid_x, kThreads, 0, env.stream, stats_planar_kernel<T, V>)(x, g.N, g.C, g.S, p.splits, ws.shift,
+                                                                               ws.n, ws.a, ws.b);
+    }
+  });
+  const FinalizePlan f = finalize_plan(g.C, p.splits);
+  FASTBN_LAUNCH(f.blocks, kThreads, 0, env.stream, stats_finalize_kernel<Acc>)(
+      ws.shift, ws.n, ws.a, ws.b, p.splits, g.C, f.lanes, static_cast<Acc>(eps), mean, var, invstd, run);
   return cudaGetLastError();
 }
 

@@ -50,6 +50,7 @@ struct Config {
   Schedule schedule = Schedule::forward;
   uint64_t seed = 0;             // for Schedule::random
   int multiprocessor_count = 132;  // what cudaDeviceGetAttribute reports (an H100 SXM)
+  int resident_blocks = 4;         // what cudaOccupancyMaxActiveBlocksPerMultiprocessor reports
 };
 void configure(const Config& c);
 Config config();
@@ -149,6 +150,11 @@ cudaError_t cudaDeviceSynchronize();
 cudaError_t cudaStreamSynchronize(cudaStream_t stream);
 cudaError_t cudaGetDevice(int* device);
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device);
+template <class F> cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, F* kernel, int block_size, size_t) {
+  if (kernel == nullptr || block_size <= 0) return cudaErrorInvalidValue;
+  *n = cuda_emu::config().resident_blocks;
+  return cudaSuccess;
+}
 template <class F> cudaError_t cudaFuncSetAttribute(F* kernel, cudaFuncAttribute attr, int value) {
   if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 || value > 227 * 1024) return cudaErrorInvalidValue;
   cuda_emu::set_max_dynamic_smem(reinterpret_cast<const void*>(kernel), value);

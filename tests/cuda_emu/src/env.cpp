@@ -8,6 +8,7 @@ namespace cuda {
 LaunchEnv current_env() {
   LaunchEnv env;
   env.stream = nullptr;
+  env.device = 0;
   cudaDeviceGetAttribute(&env.sm_count, cudaDevAttrMultiProcessorCount, 0);
   return env;
 }
