@@ -88,12 +88,17 @@ FASTBN_HD uint16_t float_to_half_bits(float f) {
 
 FASTBN_HD float bf16_bits_to_float(uint16_t b) { return f32_from_bits(static_cast<uint32_t>(b) << 16); }
 
-// float -> bfloat16, round to nearest even, NaN -> quiet NaN (same as c10::BFloat16).
+// float -> bfloat16, round to nearest even, NaN -> quiet NaN 0x7FC0 (same as c10::BFloat16).
+// On CUDA the hardware conversion (cvt.rn.bf16.f32: the same rounding, subnormals kept).
 FASTBN_HD uint16_t float_to_bf16_bits(float f) {
   if (f != f) return 0x7FC0u;
+#if defined(__CUDA_ARCH__)
+  return __bfloat16_as_ushort(__float2bfloat16_rn(f));
+#else
   const uint32_t u = f32_bits(f);
   const uint32_t rounding_bias = 0x7FFFu + ((u >> 16) & 1u);
   return static_cast<uint16_t>((u + rounding_bias) >> 16);
+#endif
 }
 
 // Load a storage value as its accumulation type / store an accumulation value.

@@ -97,8 +97,9 @@ PyObject* launch_plan(PyObject*, PyObject* args) {
   const auto reduction = [&](const char* pass, const std::string& partial, const std::string& finalize,
                              int tensors, int64_t partial_bytes) {
     const ReduceShape sh = reduce_shape(g, elem, align);
-    const bool cl = sh.walk == Walk::channels_last;
-    const std::string name = tmpl(partial + (cl ? "_cl_kernel" : "_planar_kernel"), t, sh.vec);
+    const bool cl = sh.walk == Walk::channels_last, grouped = sh.walk == Walk::grouped;
+    const std::string name = grouped ? tmpl(partial + "_grouped_kernel", t)
+                                     : tmpl(partial + (cl ? "_cl_kernel" : "_planar_kernel"), t, sh.vec);
     // Shared memory: the channels-last block tree (stats: 2 Acc + an int64 count a row).
     const auto smem_of = [&](int bx, int by) -> size_t {
       if (!cl) return 0;
@@ -115,6 +116,12 @@ PyObject* launch_plan(PyObject*, PyObject* args) {
       const int64_t rows = ceil_div(g.rows(), p.splits * p.block_y);
       l.per_thread = rows * sh.vec;
       l.chain = log2_pow2(p.block_y);  // the block's tree over its rows of threads
+    } else if (grouped) {
+      const int64_t q = group_vectors(sh, S), rows_at_once = kThreads / q;
+      l.per_thread = ceil_div(g.N, rows_at_once * p.splits) * sh.vec;
+      // GroupedWalk::merge: a lane's share of a channel's states (at most S / vec + 2 vectors
+      // a row), then 5 shuffle levels.
+      l.chain = ceil_div((S / sh.vec + 2) * rows_at_once, 32) + 5;
     } else {
       l.per_thread = ceil_div(ceil_div(g.count(), p.splits), kThreads);
       l.chain = 10;  // block_merge / block_sum2: two 5-level shuffle trees

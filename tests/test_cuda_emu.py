@@ -118,7 +118,7 @@ def test_many_splits(emu):
         _run_case(emu, case, torch.float32, seed=3100 + sm, sm=sm)
 
 
-NONFINITE_CASES = [((4, 3, 8, 8), "contiguous"), ((5, 3, 7, 7), "contiguous"), ((8, 2, 32, 32), "contiguous"),
+NONFINITE_CASES = [((4, 3, 8, 8), "contiguous"), ((5, 3, 7, 7), "contiguous"), ((3, 8, 7, 7), "contiguous"), ((8, 2, 32, 32), "contiguous"),
                    ((4, 8, 4, 4), "channels_last"), ((3, 5, 3, 3), "channels_last"), ((16, 8, 32, 32), "channels_last"),
                    ((17, 7), "contiguous")]
 

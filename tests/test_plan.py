@@ -1,7 +1,7 @@
 """The CUDA launch plan (csrc/cuda/plan.h through fastbn._C.cuda_launch_plan, which the CUDA
 launchers follow) on the GPU benchmark grid for an H100 (132 SMs): reductions launch at least
 two waves, no thread merges more than 32 partial states in a row, ResNet-50's half-precision
-shapes take vectorised kernels, and no kernel spills. The register-dependent checks need the
+shapes take vectorised kernels (7x7 planes through the grouped reductions), and no kernel spills. The register-dependent checks need the
 `-Xptxas -v` report of a build: FASTBN_PTXAS_LOG (scripts/ci_cuda_build.sh sets it to its build
 log); without it they are skipped (bench.py --plan compiles one instead)."""
 import os
@@ -19,7 +19,7 @@ H100_SMS = 132
 LOG = os.environ.get("FASTBN_PTXAS_LOG")
 needs_log = pytest.mark.skipif(not LOG, reason="FASTBN_PTXAS_LOG (a build log with -Xptxas -v) not set")
 CASES = plan.plan_cases()
-REDUCTIONS = ("stats_planar", "stats_cl", "grad_reduce_planar", "grad_reduce_cl")
+REDUCTIONS = ("stats_planar", "stats_cl", "stats_grouped", "grad_reduce_planar", "grad_reduce_cl", "grad_reduce_grouped")
 FINALIZES = ("stats_finalize", "grad_finalize")
 MIN_PER_BLOCK = 4096  # plan.h kMinPerBlock
 
@@ -88,30 +88,21 @@ def _vectorised(k, dtype):
 def test_resnet50_half_precision_vectorised():
     for n in (32, 256):
         for chw in RESNET50_CHW:
-            if chw[1:] == (7, 7):
-                continue  # test_resnet50_7x7_reductions_vectorised
             for dtype in ("float16", "bfloat16"):
                 for cl in (False, True):
                     for k in plan.plan((n,) + chw, dtype, cl, H100_SMS):
                         assert _vectorised(k, dtype), ((n,) + chw, dtype, cl, k)
 
 
-@pytest.mark.xfail(strict=True, reason="planar 7x7 reductions in half precision load one value a thread "
-                                       "(49-value planes: no 4-byte vector divides them); issue 14")
-def test_resnet50_7x7_reductions_vectorised():
-    for n in (32, 256):
-        for c in (512, 2048):
-            for dtype in ("float16", "bfloat16"):
-                for k in plan.plan((n, c, 7, 7), dtype, False, H100_SMS):
-                    assert _vectorised(k, dtype), ((n, c), dtype, k)
-
-
-def test_resnet50_7x7_elementwise_vectorised():
-    for dtype in ("float16", "bfloat16"):
+def test_7x7_reductions_take_the_grouped_walk():
+    for dtype, group in (("float16", 8), ("bfloat16", 8), ("float32", 4)):
         ks = plan.plan((256, 2048, 7, 7), dtype, False, H100_SMS)
-        for k in ks:
-            if not k["kernel"].startswith(REDUCTIONS):
-                assert _vectorised(k, dtype), k
+        partials = [k for k in ks if k["kernel"].startswith(REDUCTIONS)]
+        assert [k["kernel"].split("<")[0] for k in partials] == ["stats_grouped_kernel", "grad_reduce_grouped_kernel"]
+        assert all(k["vec_bytes"] == 16 and k["grid"][0] == 2048 // group * k["splits"] for k in partials), partials
+    # Channels that do not fill a group (C = 3) keep the one-value planar walk.
+    ks = plan.plan((256, 3, 7, 7), "float16", False, H100_SMS)
+    assert ks[0]["kernel"] == "stats_planar_kernel<f16, 1>"
 
 
 @needs_log

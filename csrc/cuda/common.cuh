@@ -206,8 +206,75 @@ __device__ __forceinline__ void planar_tiles(int64_t N, int64_t C, int64_t S, in
   }
 }
 
+// Grouped planar walk (plan.h Walk::grouped) of the block of channel group gi, split `split`:
+// channels c0 = gi * G, ..., c0 + G - 1, whose planes of row n are one run of G * S values at
+// (n * C + c0) * S, Q = G * S / V vectors of V values (16-byte aligned). Thread t < R * Q (R =
+// kThreads / Q rows at once; the others idle) takes vector q = t % Q of rows t / Q + R * split,
+// + R * splits, ...; its vector's first `lo` values (1..V) are channel j = q * V / S's of the
+// group, the others channel j + 1's. A 1-D block of kThreads threads.
+struct GroupedWalk {
+  int Q, R, q, j, lo;
+  bool active;
+  int64_t row0, step;
+  __device__ __forceinline__ GroupedWalk(int S, int G, int V, int64_t split, int64_t splits) {
+    Q = G * S / V;
+    R = kThreads / Q;
+    const int t = threadIdx.x;
+    q = t % Q;
+    active = t < R * Q;
+    row0 = t / Q + static_cast<int64_t>(R) * split;
+    step = static_cast<int64_t>(R) * splits;
+    j = q * V / S;
+    lo = min(V, (j + 1) * S - q * V);
+  }
+  // For whole tiles of K rows: load(k, off) for each row k (off: the element offset of the
+  // thread's vector), then use(); for the rows left: part(off).
+  template <int K, class Load, class Use, class Part>
+  __device__ __forceinline__ void rows(int64_t N, int64_t C, int64_t S, int64_t c0, int V, const Load& load,
+                                       const Use& use, const Part& part) const {
+    if (!active) return;
+    const int64_t base = c0 * S + static_cast<int64_t>(q) * V, row = C * S;
+    int64_t n = row0;
+    for (; n + (K - 1) * step < N; n += K * step) {
+#pragma unroll
+      for (int k = 0; k < K; ++k) load(k, (n + k * step) * row + base);
+      use();
+    }
+    for (; n < N; n += step) part(n * row + base);
+  }
+  // Merge, in a fixed order, of every thread's states: `first` of channel j, `second` of
+  // channel j + 1 (empty where lo == V). Warp g < G merges channel g's: for rows r < R and the
+  // vectors q that cover channel g, thread r * Q + q's first state if its vector starts in g,
+  // else its second; lane l takes items l, l + 32, ..., then a shuffle tree. Result valid in
+  // lane 0 of warps g < G (g = the returned channel). `shared`: 2 * kThreads states.
+  template <class State, class Merge, class Shfl>
+  __device__ __forceinline__ State merge(State first, State second, int S, int G, int V, State* shared,
+                                         const Merge& merge_fn, const Shfl& shfl, int& g) const {
+    const int t = threadIdx.x;
+    shared[t] = first;
+    shared[kThreads + t] = second;
+    __syncthreads();
+    g = t / 32;
+    const int lane = t % 32;
+    State s = State{};
+    if (g < G) {
+      const int qa = g * S / V, qb = ((g + 1) * S - 1) / V, nq = qb - qa + 1;
+      for (int i = lane; i < nq * R; i += 32) {
+        const int qq = qa + i % nq, tt = (i / nq) * Q + qq;
+        s = merge_fn(s, qq * V >= g * S ? shared[tt] : shared[kThreads + tt]);
+      }
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) {
+        const State o = shfl(s, off);
+        s = merge_fn(s, o);
+      }
+    }
+    return s;
+  }
+};
+
 // Index of partial k (of `splits`) of channel c in a reduction workspace array: a channel's
-// partials are consecutive, so that a finalize warp's loads of them coalesce.
+// partials are consecutive, so that a finalize lane group's loads of them coalesce.
 __host__ __device__ __forceinline__ int64_t partial_index(int64_t k, int64_t c, int64_t splits) {
   return c * splits + k;
 }

@@ -1,7 +1,8 @@
 // Backward: per-channel sums (split reduction, fixed-order merge, no atomics) and the
 // elementwise grad_input / grad_residual pass (planar, flat across planes, or channels-last,
 // as in normalize.cu). dy_eff = bn_math.h effective_dy: dy, masked by the relu of the
-// recomputed pre-activation when the forward had relu.
+// recomputed pre-activation when the forward had relu. The elementwise pass walks from the
+// tensor's end, where the sums' pass ended (normalize.cu).
 #include "common.cuh"
 
 namespace fastbn {
@@ -27,6 +28,26 @@ __device__ __forceinline__ void load_grad_operands(const T* __restrict__ dy, con
   load_acc<V>(x + off, v);
   load_residual<V>(r, off, res);
 }
+
+// The V values of dy, x and r at one offset as stored (16-bit values take half the registers
+// of their float conversions), for loading several rows before using any.
+template <class T, int V> struct RawOperands {
+  Pack<T, V> g, v, r;
+  __device__ __forceinline__ void load(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ rp,
+                                       int64_t off) {
+    g = *reinterpret_cast<const Pack<T, V>*>(dy + off);
+    v = *reinterpret_cast<const Pack<T, V>*>(x + off);
+    if (rp) r = *reinterpret_cast<const Pack<T, V>*>(rp + off);
+  }
+  __device__ __forceinline__ void to_acc(bool has_r, acc_t<T> (&go)[V], acc_t<T> (&vo)[V], acc_t<T> (&ro)[V]) const {
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      go[i] = fastbn::to_acc(g.v[i]);
+      vo[i] = fastbn::to_acc(v.v[i]);
+      ro[i] = has_r ? fastbn::to_acc(r.v[i]) : acc_t<T>(0);
+    }
+  }
+};
 
 // Accumulates V loaded values: s1 += dy_eff, s2 += dy_eff * (x - mean).
 template <int V, class Acc>
@@ -94,9 +115,66 @@ __global__ void __launch_bounds__(kThreads, kGradPlanarMinBlocks<T, V>)
   }
 }
 
+// Grouped planar (plan.h Walk::grouped, common.cuh GroupedWalk): block b handles channels
+// (b / splits) * G ... + G - 1, split b % splits of their rows; a thread sums for the two
+// channels its vector covers, kGroupedGradRows vectors of each tensor loaded at a time.
+template <int V> constexpr int kGroupedGradRows = V >= 8 ? 1 : 8 / V;
+
+template <class T>
+__global__ void __launch_bounds__(kThreads, 2)
+    grad_reduce_grouped_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ r, bool relu,
+                               int64_t N, int64_t C, int S, int G, int64_t splits, ChannelStats<acc_t<T>> st,
+                               Affine<acc_t<T>> af, acc_t<T>* __restrict__ ws_a, acc_t<T>* __restrict__ ws_b) {
+  using Acc = acc_t<T>;
+  constexpr int V = static_cast<int>(16 / sizeof(T));  // 16-byte vectors
+  constexpr int K = kGroupedGradRows<V>;
+  struct Sums {
+    Acc a, b;
+  };
+  FASTBN_SHARED_ARRAY(shared, 2 * kThreads, Sums);
+  const int64_t c0 = (blockIdx.x / static_cast<unsigned>(splits)) * static_cast<int64_t>(G);
+  const int64_t split = blockIdx.x % static_cast<unsigned>(splits);
+  const GroupedWalk w(S, G, V, split, splits);
+  const int ja = w.active ? w.j : 0, jb = w.active && w.lo < V ? w.j + 1 : ja;
+  const FwdCoef<Acc> ka = forward_coef(st, af, c0 + ja), kb = forward_coef(st, af, c0 + jb);
+  Sums sa{Acc(0), Acc(0)}, sb{Acc(0), Acc(0)};
+  const auto add = [&](const Acc(&gv)[V], const Acc(&xv)[V], const Acc(&rv)[V]) {
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      if (i < w.lo)
+        grad_sums_add(sa.a, sa.b, effective_dy(gv[i], xv[i], ka, rv[i], r != nullptr, relu), xv[i], ka.mean);
+      else
+        grad_sums_add(sb.a, sb.b, effective_dy(gv[i], xv[i], kb, rv[i], r != nullptr, relu), xv[i], kb.mean);
+    }
+  };
+  Acc g[K][V], v[K][V], res[K][V];  // a whole tile's values: every load first, then the sums
+  w.rows<K>(
+      N, C, S, c0, V, [&](int k, int64_t o) { load_grad_operands<V>(dy, x, r, o, g[k], v[k], res[k]); },
+      [&] {
+#pragma unroll
+        for (int k = 0; k < K; ++k) add(g[k], v[k], res[k]);
+      },
+      [&](int64_t o) {
+        Acc g1[V], v1[V], r1[V];
+        load_grad_operands<V>(dy, x, r, o, g1, v1, r1);
+        add(g1, v1, r1);
+      });
+  int ch;
+  const Sums s = w.merge(
+      sa, sb, S, G, V, shared, [](const Sums& p, const Sums& q) { return Sums{p.a + q.a, p.b + q.b}; },
+      [](const Sums& p, int off) {
+        return Sums{__shfl_down_sync(0xffffffffu, p.a, off), __shfl_down_sync(0xffffffffu, p.b, off)};
+      },
+      ch);
+  if (ch < G && threadIdx.x % 32 == 0) {
+    ws_a[partial_index(split, c0 + ch, splits)] = s.a;
+    ws_b[partial_index(split, c0 + ch, splits)] = s.b;
+  }
+}
+
 // Dynamic shared memory: blockDim.y * blockDim.x * VC * 2 Acc.
 template <class T, int VC>
-__global__ void __launch_bounds__(kThreads, sizeof(T) == 2 && VC > 1 ? 3 : 4)
+__global__ void __launch_bounds__(kThreads, sizeof(T) == 2 && VC > 1 ? 2 : 4)
     grad_reduce_cl_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ r, bool relu,
                           int64_t M, int64_t C, ChannelStats<acc_t<T>> st, Affine<acc_t<T>> af,
                           acc_t<T>* __restrict__ ws_a, acc_t<T>* __restrict__ ws_b) {
@@ -114,8 +192,20 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 2 && VC > 1 ? 3 : 4)
     FwdCoef<Acc> k[VC];
 #pragma unroll
     for (int i = 0; i < VC; ++i) k[i] = forward_coef(st, af, c0 + i);
-    for (int64_t m = static_cast<int64_t>(blockIdx.y) * by + ty; m < M; m += static_cast<int64_t>(gridDim.y) * by)
-      sums_vec<VC>(dy, x, r, relu, k, m * C + c0, s1, s2);
+    const int64_t stride = static_cast<int64_t>(gridDim.y) * by;
+    int64_t m = static_cast<int64_t>(blockIdx.y) * by + ty;
+    for (; m + stride < M; m += 2 * stride) {  // two rows: every load (as stored), then the sums
+      RawOperands<T, VC> raw[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) raw[h].load(dy, x, r, (m + h * stride) * C + c0);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        Acc g[VC], v[VC], res[VC];
+        raw[h].to_acc(r != nullptr, g, v, res);
+        sums_add<VC>(g, v, res, r != nullptr, relu, k, s1, s2);
+      }
+    }
+    if (m < M) sums_vec<VC>(dy, x, r, relu, k, m * C + c0, s1, s2);
   }
 #pragma unroll
   for (int i = 0; i < VC; ++i) {
@@ -181,6 +271,20 @@ __global__ void __launch_bounds__(kThreads)
 
 // dx = grad_input(dy_eff) (A * dy_eff + Bm * (x - mean) + D in training, A * dy_eff in
 // evaluation); dr = dy_eff. fk(i), bk(i): the forward and backward coefficients of value i.
+// The same for values already loaded (g: dy, v: x, res: r), stored at off.
+template <int V, class T, class FK, class BK>
+__device__ __forceinline__ void grad_values(acc_t<T> (&g)[V], acc_t<T> (&v)[V], const acc_t<T> (&res)[V], bool has_r,
+                                            bool relu, const FK& fk, const BK& bk, int64_t off, T* __restrict__ dx,
+                                            T* __restrict__ dr) {
+#pragma unroll
+  for (int i = 0; i < V; ++i) g[i] = effective_dy(g[i], v[i], fk(i), res[i], has_r, relu);
+  if (dr) store_acc<V>(dr + off, g);
+  if (dx) {
+#pragma unroll
+    for (int i = 0; i < V; ++i) v[i] = grad_input(g[i], v[i], bk(i));
+    store_acc<V>(dx + off, v);
+  }
+}
 template <int V, class T, class FK, class BK>
 __device__ __forceinline__ void grad_vec(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ r,
                                          bool relu, const FK& fk, const BK& bk, int64_t off, T* __restrict__ dx,
@@ -188,14 +292,7 @@ __device__ __forceinline__ void grad_vec(const T* __restrict__ dy, const T* __re
   using Acc = acc_t<T>;
   Acc g[V], v[V], res[V];
   load_grad_operands<V>(dy, x, r, off, g, v, res);
-#pragma unroll
-  for (int i = 0; i < V; ++i) g[i] = effective_dy(g[i], v[i], fk(i), res[i], r != nullptr, relu);
-  if (dr) store_acc<V>(dr + off, g);
-  if (dx) {
-#pragma unroll
-    for (int i = 0; i < V; ++i) v[i] = grad_input(g[i], v[i], bk(i));
-    store_acc<V>(dx + off, v);
-  }
+  grad_values<V, T>(g, v, res, r != nullptr, relu, fk, bk, off, dx, dr);
 }
 
 template <class Acc> struct GradArgs {
@@ -220,10 +317,11 @@ __global__ void __launch_bounds__(kThreads, 4)
   using Acc = acc_t<T>;
   for (int64_t p = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; p < planes;
        p += static_cast<int64_t>(gridDim.y) * blockDim.y) {
-    const int64_t c = p % C;
+    const int64_t q = planes - 1 - p;  // last plane first (see the file comment)
+    const int64_t c = q % C;
     const FwdCoef<Acc> k = forward_coef(ga.st, ga.af, c);
     const BwdCoef<Acc> gk = ga.coef(c);
-    const int64_t base = p * S;
+    const int64_t base = q * S;
     for (int64_t s = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * V; s < S;
          s += static_cast<int64_t>(gridDim.x) * blockDim.x * V)
       grad_vec<V>(dy, x, r, relu, [&](int) { return k; }, [&](int) { return gk; }, base + s, dx, dr);
@@ -233,20 +331,21 @@ __global__ void __launch_bounds__(kThreads, 4)
 // Flat (as normalize_flat_kernel): vectors of V values over the (N, C, S) tensor seen as
 // numel values; a vector crossing into the next plane takes its coefficients there.
 template <class T, int V>
-__global__ void __launch_bounds__(kThreads, sizeof(T) == 8 ? 3 : 4)
+__global__ void __launch_bounds__(kThreads, 4)
     grad_input_flat_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ r, bool relu,
                            int64_t numel, int64_t C, int64_t S, GradArgs<acc_t<T>> ga, T* __restrict__ dx,
                            T* __restrict__ dr) {
   using Acc = acc_t<T>;
   for (int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * V; i < numel;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x * V) {
-    const FlatPos pos(i, C, S);
+    const int64_t o = numel - V - i;  // last vector first
+    const FlatPos pos(o, C, S);
     const int64_t c1 = pos.next(C, V);
     const FwdCoef<Acc> k0 = forward_coef(ga.st, ga.af, pos.c), k1 = forward_coef(ga.st, ga.af, c1);
     const BwdCoef<Acc> g0 = ga.coef(pos.c), g1 = ga.coef(c1);
     grad_vec<V>(
         dy, x, r, relu, [&](int j) { return j < pos.rest ? k0 : k1; }, [&](int j) { return j < pos.rest ? g0 : g1; },
-        i, dx, dr);
+        o, dx, dr);
   }
 }
 
@@ -264,9 +363,25 @@ __global__ void __launch_bounds__(kThreads, 4)
     k[i] = forward_coef(ga.st, ga.af, c0 + i);
     gk[i] = ga.coef(c0 + i);
   }
-  for (int64_t m = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; m < M;
-       m += static_cast<int64_t>(gridDim.y) * blockDim.y)
-    grad_vec<VC>(dy, x, r, relu, [&](int i) { return k[i]; }, [&](int i) { return gk[i]; }, m * C + c0, dx, dr);
+  const auto fk = [&](int i) { return k[i]; };
+  const auto bk = [&](int i) { return gk[i]; };
+  const int64_t stride = static_cast<int64_t>(gridDim.y) * blockDim.y;
+  int64_t m = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y;
+  // Two rows at a time for 8-byte vectors (both rows' loads, as stored, before either's
+  // stores); one for 16-byte ones, whose two rows would not fit in 64 registers.
+  constexpr bool kTwoRows = VC > 1 && VC * sizeof(T) <= 8;
+  for (; kTwoRows && m + stride < M; m += 2 * stride) {
+    RawOperands<T, VC> raw[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) raw[h].load(dy, x, r, (M - 1 - m - h * stride) * C + c0);  // last row first
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      Acc g[VC], v[VC], res[VC];
+      raw[h].to_acc(r != nullptr, g, v, res);
+      grad_values<VC, T>(g, v, res, r != nullptr, relu, fk, bk, (M - 1 - m - h * stride) * C + c0, dx, dr);
+    }
+  }
+  for (; m < M; m += stride) grad_vec<VC>(dy, x, r, relu, fk, bk, (M - 1 - m) * C + c0, dx, dr);
 }
 
 // Dynamic shared memory of grad_reduce_cl_kernel for a block of bx x by threads.
@@ -284,7 +399,13 @@ cudaError_t launch_grad_reduce(const Geometry& g, const T* dy, const T* x, Chann
   const ReduceShape sh = reduce_shape(g, sizeof(T), pointer_alignment({dy, x, r}));
   ReducePlan p{};
   ReduceWorkspace<Acc> ws(workspace, 1, g.C);
-  with_vec<T>(sh.vec, [&](auto v) {
+  if (sh.walk == Walk::grouped) {
+    constexpr auto kernel = &grad_reduce_grouped_kernel<T>;
+    p = reduce_plan(g, sh, env.sm_count, resident_blocks<kernel>(env.device, 0));
+    ws = ReduceWorkspace<Acc>(workspace, p.splits, g.C);
+    FASTBN_LAUNCH(p.grid_x, kThreads, 0, env.stream, grad_reduce_grouped_kernel<T>)(
+        dy, x, r, relu, g.N, g.C, static_cast<int>(g.S), sh.group, p.splits, st, af, ws.a, ws.b);
+  } else with_vec<T>(sh.vec, [&](auto v) {
     constexpr int V = decltype(v)::value;
     if (sh.walk == Walk::channels_last) {
       if constexpr (V == 1 || V == vec_width<T>()) {

@@ -4,6 +4,9 @@
 // vector width take the flat kernel (16-byte vectors across plane boundaries).
 // Channels-last: thread tx owns VC channels (coefficients computed once) and walks
 // its rows (grid-strided), two at a time.
+// Every walk goes from the tensor's end to its start (last plane, vector or row first): the
+// statistics pass before it reads the end of the tensor last, so the first reads here find
+// what it left in L2 (LRU evicts its oldest reads, the start, first).
 #include "common.cuh"
 
 namespace fastbn {
@@ -37,8 +40,9 @@ __global__ void __launch_bounds__(kThreads, 4)
   using Acc = acc_t<T>;
   for (int64_t p = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; p < planes;
        p += static_cast<int64_t>(gridDim.y) * blockDim.y) {
-    const FwdCoef<Acc> k = forward_coef(st, af, p % C);
-    const int64_t base = p * S;
+    const int64_t q = planes - 1 - p;  // last plane first (see the file comment)
+    const FwdCoef<Acc> k = forward_coef(st, af, q % C);
+    const int64_t base = q * S;
     for (int64_t s = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * V; s < S;
          s += static_cast<int64_t>(gridDim.x) * blockDim.x * V) {
       affine_vec<V>(x, y, r, relu, [&](int) { return k; }, base + s);
@@ -56,9 +60,10 @@ __global__ void __launch_bounds__(kThreads, 4)
   using Acc = acc_t<T>;
   for (int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * V; i < numel;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x * V) {
-    const FlatPos pos(i, C, S);
+    const int64_t o = numel - V - i;  // last vector first
+    const FlatPos pos(o, C, S);
     const FwdCoef<Acc> k0 = forward_coef(st, af, pos.c), k1 = forward_coef(st, af, pos.next(C, V));
-    affine_vec<V>(x, y, r, relu, [&](int j) { return j < pos.rest ? k0 : k1; }, i);
+    affine_vec<V>(x, y, r, relu, [&](int j) { return j < pos.rest ? k0 : k1; }, o);
   }
 }
 
@@ -76,19 +81,20 @@ __global__ void __launch_bounds__(kThreads, 4)
   int64_t m = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y;
   for (; m + stride < M; m += 2 * stride) {  // two rows: both loads before either store
     Acc v0[VC], v1[VC], r0[VC], r1[VC];
-    load_acc<VC>(x + m * C + c0, v0);
-    load_acc<VC>(x + (m + stride) * C + c0, v1);
+    const int64_t o0 = (M - 1 - m) * C + c0, o1 = (M - 1 - m - stride) * C + c0;  // last row first
+    load_acc<VC>(x + o0, v0);
+    load_acc<VC>(x + o1, v1);
     if (r) {
-      load_acc<VC>(r + m * C + c0, r0);
-      load_acc<VC>(r + (m + stride) * C + c0, r1);
+      load_acc<VC>(r + o0, r0);
+      load_acc<VC>(r + o1, r1);
     }
     const auto fk = [&](int i) { return k[i]; };
     affine_values<VC>(v0, r0, r != nullptr, relu, fk);
     affine_values<VC>(v1, r1, r != nullptr, relu, fk);
-    store_acc<VC>(y + m * C + c0, v0);
-    store_acc<VC>(y + (m + stride) * C + c0, v1);
+    store_acc<VC>(y + o0, v0);
+    store_acc<VC>(y + o1, v1);
   }
-  if (m < M) affine_vec<VC>(x, y, r, relu, [&](int i) { return k[i]; }, m * C + c0);
+  if (m < M) affine_vec<VC>(x, y, r, relu, [&](int i) { return k[i]; }, (M - 1 - m) * C + c0);
 }
 
 }  // namespace

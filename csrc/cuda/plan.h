@@ -83,7 +83,7 @@ inline int64_t elementwise_grid_y(int64_t rows, int by, int64_t grid_x, int sm_c
 //  flat:   the (N, C, S) tensor as one run of vec-value vectors (planes not a multiple of the
 //          16-byte width: a vector crosses at most one plane boundary, S >= vec)
 //  channels_last: thread tx owns vec consecutive channels of its rows
-enum class Walk { planar, flat, channels_last };
+enum class Walk { planar, flat, channels_last, grouped };
 
 struct ElemPlan {
   Walk walk;
@@ -141,25 +141,41 @@ inline ElemPlan elementwise_plan(const Geometry& g, int elem_size, int align, in
 //          S and the pointers allow, else 8 bytes, else 1 value
 //  channels_last: block (tile, split) takes rows split * by + ty, + splits * by, ... of vec
 //          channels a thread (16-byte vectors where C and the pointers allow, else 1)
+//  grouped: planes too odd for any vector (7x7): block (group, split) takes kGroup(elem)
+//          consecutive channels, whose N rows of G planes are each one 16-byte aligned run of
+//          G * S values (common.cuh GroupedWalk); a thread keeps one vector position of the run
+//          and the states of the (at most two) channels its vector covers
 struct ReduceShape {
   Walk walk;
   int vec;
+  int group = 1;  // grouped: channels a block
 };
+
+// Channels a grouped block takes: the fewest whose planes make whole 16-byte vectors.
+inline int reduce_group(int64_t S, int elem_size) {
+  int g = 1;
+  while ((g * S * elem_size) % 16 != 0) g *= 2;
+  return g;
+}
+// Vectors of a grouped block's run (G * S / vec), a thread each.
+inline int64_t group_vectors(const ReduceShape& sh, int64_t S) { return sh.group * S / sh.vec; }
 
 inline ReduceShape reduce_shape(const Geometry& g, int elem_size, int align) {
   const int W = vec16(elem_size);
   if (g.channels_last) return {Walk::channels_last, g.C % W == 0 && align >= 16 ? W : 1};
   if (g.S % W == 0 && align >= 16) return {Walk::planar, W};
   if (W >= 4 && g.S % (W / 2) == 0 && align >= 8) return {Walk::planar, W / 2};
+  const int G = reduce_group(g.S, elem_size);
+  if (g.S >= W && g.C % G == 0 && G * g.S / W <= kThreads && align >= 16) return {Walk::grouped, W, G};
   return {Walk::planar, 1};
 }
 
 struct ReducePlan {
   ReduceShape shape;
   int64_t splits;           // partials a channel
-  unsigned grid_x, grid_y;  // planar: C * splits blocks along x
+  unsigned grid_x, grid_y;  // planar / grouped: channel_tiles * splits blocks along x
   int block_x, block_y;
-  int64_t channel_tiles;    // channels-last: blocks along x (1 channel a block for planar)
+  int64_t channel_tiles;    // blocks along x (channels-last), or channel groups (C planar, C / G grouped)
 };
 
 // The split of a reduction over geometry g: enough blocks for kReduceWaves waves of `resident`
@@ -180,6 +196,13 @@ inline ReducePlan reduce_plan(const Geometry& g, ReduceShape shape, int sm_count
     splits = std::min(splits, ceil_div(g.rows() * std::min<int64_t>(g.C, static_cast<int64_t>(blk.bx) * shape.vec),
                                        kMinPerBlock));
     splits = std::min(splits, ceil_div(g.rows(), blk.by));
+  } else if (shape.walk == Walk::grouped) {
+    p.channel_tiles = g.C / shape.group;
+    p.block_x = kThreads;
+    p.block_y = 1;
+    const int64_t rows_at_once = kThreads / group_vectors(shape, g.S);  // a block's rows of G planes at a time
+    splits = std::min({ceil_div(target, p.channel_tiles), ceil_div(g.count() * shape.group, kMinPerBlock),
+                       ceil_div(g.N, rows_at_once)});
   } else {
     p.channel_tiles = g.C;
     p.block_x = kThreads;
@@ -191,7 +214,7 @@ inline ReducePlan reduce_plan(const Geometry& g, ReduceShape shape, int sm_count
     p.grid_x = static_cast<unsigned>(p.channel_tiles);
     p.grid_y = static_cast<unsigned>(p.splits);
   } else {
-    p.grid_x = static_cast<unsigned>(g.C * p.splits);
+    p.grid_x = static_cast<unsigned>(p.channel_tiles * p.splits);
     p.grid_y = 1;
   }
   return p;
@@ -234,6 +257,9 @@ inline size_t reduce_workspace_bound(const Geometry& g, int elem_size, int sm_co
     const Walk w = g.channels_last ? Walk::channels_last : Walk::planar;
     splits = std::max(splits, reduce_plan(g, ReduceShape{w, vec}, sm_count, kMaxResident).splits);
   }
+  const ReduceShape grouped{Walk::grouped, W, reduce_group(g.S, elem_size)};
+  if (!g.channels_last && g.C % grouped.group == 0 && g.S >= W && group_vectors(grouped, g.S) <= kThreads)
+    splits = std::max(splits, reduce_plan(g, grouped, sm_count, kMaxResident).splits);
   return reduce_workspace_bytes_for(splits, g.C, sizeof(double));
 }
 

@@ -79,6 +79,94 @@ __global__ void __launch_bounds__(kThreads, kStatsPlanarMinBlocks<T>)
   }
 }
 
+// Statistics of K vectors of V values split at `lo`: values i < lo of each vector merged into
+// a, the others into b (two-pass in Acc: the mean of each part from its values times 1 / count,
+// then the centred squares; selects, not products, keep an infinite value of one part out of
+// the other).
+template <int K, int V, class Acc>
+__device__ __forceinline__ void split_stats(const Acc (&v)[K][V], int lo, WelfordState<Acc>& a,
+                                            WelfordState<Acc>& b) {
+  const int64_t na = static_cast<int64_t>(K) * lo, nb = static_cast<int64_t>(K) * (V - lo);
+  const Acc ia = Acc(1) / static_cast<Acc>(na), ib = nb > 0 ? Acc(1) / static_cast<Acc>(nb) : Acc(0);
+  Acc ma = Acc(0), mb = Acc(0);
+#pragma unroll
+  for (int k = 0; k < K; ++k)
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      if (i < lo) ma = madd(v[k][i], ia, ma);
+      else mb = madd(v[k][i], ib, mb);
+    }
+  Acc qa = Acc(0), qb = Acc(0);
+#pragma unroll
+  for (int k = 0; k < K; ++k)
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      if (i < lo) {
+        const Acc d = v[k][i] - ma;
+        qa = madd(d, d, qa);
+      } else {
+        const Acc d = v[k][i] - mb;
+        qb = madd(d, d, qb);
+      }
+    }
+  a = chan_merge(a, WelfordState<Acc>{na, ma, qa});
+  if (nb > 0) b = chan_merge(b, WelfordState<Acc>{nb, mb, qb});
+}
+
+// Grouped planar (plan.h Walk::grouped, common.cuh GroupedWalk): block b handles channels
+// (b / splits) * G ... + G - 1, split b % splits of their rows; a thread accumulates the states
+// of the two channels its vector covers, 16 values (kGroupedRows vectors) at a time.
+template <int V> constexpr int kGroupedRows = 16 / V;
+
+template <class T>
+__global__ void __launch_bounds__(kThreads, 2)
+    stats_grouped_kernel(const T* __restrict__ x, int64_t N, int64_t C, int S, int G, int64_t splits,
+                         double* __restrict__ ws_shift, int64_t* __restrict__ ws_n, double* __restrict__ ws_mean,
+                         double* __restrict__ ws_m2) {
+  using Acc = acc_t<T>;
+  constexpr int V = static_cast<int>(16 / sizeof(T));  // 16-byte vectors
+  constexpr int K = kGroupedRows<V>;
+  FASTBN_SHARED_ARRAY(shared, 2 * kThreads, WelfordState<double>);
+  FASTBN_SHARED_ARRAY(shifts, 8, Acc);
+  const int64_t c0 = (blockIdx.x / static_cast<unsigned>(splits)) * static_cast<int64_t>(G);
+  const int64_t split = blockIdx.x % static_cast<unsigned>(splits);
+  if (threadIdx.x < G) {
+    const int64_t c = c0 + threadIdx.x;
+    shifts[threadIdx.x] = stats_shift<Acc>(N * S, [&](int j) { return to_acc(x[c * S + channel_value_offset(j, C, S)]); });
+  }
+  __syncthreads();
+  const GroupedWalk w(S, G, V, split, splits);
+  const Acc shift_a = shifts[w.active ? w.j : 0], shift_b = shifts[w.active && w.lo < V ? w.j + 1 : 0];
+  WelfordState<Acc> a{0, Acc(0), Acc(0)}, b{0, Acc(0), Acc(0)};
+  const auto load_shifted = [&](int64_t o, Acc(&vals)[V]) {
+    load_acc<V>(x + o, vals);
+#pragma unroll
+    for (int i = 0; i < V; ++i) vals[i] -= i < w.lo ? shift_a : shift_b;
+  };
+  Acc v[K][V];
+  w.rows<K>(
+      N, C, S, c0, V, [&](int k, int64_t o) { load_shifted(o, v[k]); }, [&] { split_stats<K, V>(v, w.lo, a, b); },
+      [&](int64_t o) {
+        Acc one[1][V];
+        load_shifted(o, one[0]);
+        split_stats<1, V>(one, w.lo, a, b);
+      });
+  using D = WelfordState<double>;
+  int g;
+  const D s = w.merge(
+      D{a.n, static_cast<double>(a.mean), static_cast<double>(a.m2)},
+      D{b.n, static_cast<double>(b.mean), static_cast<double>(b.m2)}, S, G, V, shared,
+      [](const D& p, const D& q) { return chan_merge(p, q); }, [](const D& p, int off) { return shfl_down(p, off); },
+      g);
+  if (g < G && threadIdx.x % 32 == 0) {
+    const int64_t k = partial_index(split, c0 + g, splits);
+    if (split == 0) ws_shift[c0 + g] = static_cast<double>(shifts[g]);
+    ws_n[k] = s.n;
+    ws_mean[k] = s.mean;
+    ws_m2[k] = s.m2;
+  }
+}
+
 // Rows a channels-last statistics thread loads before merging them (one block_stats group
 // per channel, one Chan merge weight for the VC channels).
 template <int VC> constexpr int kStatsClRows = VC >= 4 ? 4 : 8;
@@ -223,6 +311,7 @@ template <class T> size_t stats_cl_smem(int bx, int by, int vc) {
 
 // The statistics' partial kernel for shape sh, and the occupancy its split is sized for.
 template <class T, class F> void with_stats_kernel(ReduceShape sh, F&& f) {
+  if (sh.walk == Walk::grouped) return f(KernelC<&stats_grouped_kernel<T>>{}, size_t{0});
   with_vec<T>(sh.vec, [&](auto v) {
     constexpr int V = decltype(v)::value;
     if (sh.walk == Walk::channels_last) {
@@ -249,7 +338,10 @@ cudaError_t launch_stats(const Geometry& g, const T* x, acc_t<T>* mean, acc_t<T>
     p = reduce_plan(g, sh, env.sm_count, resident_blocks<decltype(kernel)::value>(env.device, smem_bound));
   });
   ReduceWorkspace<double> ws(workspace, p.splits, g.C);
-  with_vec<T>(sh.vec, [&](auto v) {
+  if (sh.walk == Walk::grouped) {
+    FASTBN_LAUNCH(p.grid_x, kThreads, 0, env.stream, stats_grouped_kernel<T>)(
+        x, g.N, g.C, static_cast<int>(g.S), sh.group, p.splits, ws.shift, ws.n, ws.a, ws.b);
+  } else with_vec<T>(sh.vec, [&](auto v) {
     constexpr int V = decltype(v)::value;
     if (sh.walk == Walk::channels_last) {
       if constexpr (V == 1 || V == vec_width<T>()) {

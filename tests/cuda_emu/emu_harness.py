@@ -44,13 +44,16 @@ class Case:
 # multiple of 8, so also for half) and the planar reductions' 8-byte vectors (S = 900: a
 # multiple of 4, not 8; S = 30: of 2, not 4), scalar = S or C odd (planar: scalar reductions,
 # the flat elementwise kernels where the element count allows 16-byte vectors),
-# misaligned = a pointer 16-byte misaligned (so the scalar kernels run although sizes allow
-# vectors). Each path has a case whose reduction is split over several blocks
+# grouped = planes no vector divides but channels in groups whose planes do (7x7, 3x3, 3x5x7 with
+# C a multiple of 8: the grouped planar reductions; float and double also take them on
+# (5, 4, 7, 7)), misaligned = a pointer 16-byte misaligned (so the scalar kernels run although
+# sizes allow vectors). Each path has a case whose reduction is split over several blocks
 # (count >= 12800) and merged.
 PATHS = {
     ("planar", "vector"): [Case((4, 3, 16, 16)), Case((8, 3, 48, 48)), Case((2, 5, 4, 6, 8)), Case((16, 3, 30, 30)),
                            Case((6, 3, 5, 6))],
     ("planar", "scalar"): [Case((5, 4, 7, 7)), Case((16, 2, 37, 37)), Case((6, 5, 33)), Case((64, 1, 9, 9))],
+    ("planar", "grouped"): [Case((6, 8, 7, 7)), Case((300, 8, 7, 7)), Case((40, 16, 3, 3)), Case((4, 8, 3, 5, 7))],
     ("planar", "misaligned"): [Case((4, 3, 16, 16), misalign="x"), Case((3, 2, 8, 8), misalign="dy_r")],
     ("channels_last", "vector"): [Case((4, 16, 6, 6), "channels_last"), Case((32, 8, 24, 24), "channels_last"),
                                   Case((300, 32), "channels_last"), Case((2, 16, 3, 4, 5), "channels_last"),
@@ -62,7 +65,7 @@ PATHS = {
                                       Case((4, 16, 6, 6), "channels_last", "dy_r")],
 }
 # Cases whose reductions run on several blocks per channel (for the SM-count sweep).
-MULTI_SPLIT = [Case((8, 3, 48, 48)), Case((16, 2, 37, 37)), Case((32, 8, 24, 24), "channels_last"),
+MULTI_SPLIT = [Case((8, 3, 48, 48)), Case((16, 2, 37, 37)), Case((300, 8, 7, 7)), Case((32, 8, 24, 24), "channels_last"),
                Case((32, 3, 20, 20), "channels_last")]
 
 

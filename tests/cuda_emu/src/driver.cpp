@@ -200,6 +200,8 @@ template <class T> void run_type(bool quick) {
   // channels-last: C % V == 0 (vector) and odd C; 4608 rows: several row splits.
   cases.push_back({Geometry{4608, 2 * V, 1, true}, true});
   cases.push_back({Geometry{2304, 3, 2, true}, false});
+  // planar 7x7 planes, C = 8: the grouped reductions (several splits).
+  cases.push_back({Geometry{160, 8, 49, false}, true});
   if (!quick) {
     cases.push_back({Geometry{3, 5, 49, false}, false});
     cases.push_back({Geometry{4, 3, 8 * V, false}, true});
