@@ -1,5 +1,6 @@
-// Device helpers shared by fastbn's CUDA kernels: 16-byte vector access, launch shapes,
-// and deterministic warp/block reductions. Torch-free.
+// Device helpers shared by fastbn's CUDA kernels: vector access, the occupancy query, the
+// reductions' walks (planar tiles, grouped runs) and their deterministic warp/block merges
+// (launch shapes: plan.h). Torch-free.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -303,8 +304,8 @@ struct FinalizeLane {
     lane = static_cast<int>(threadIdx.x) & (lanes - 1);
     c = static_cast<int64_t>(blockIdx.x) * (kThreads / lanes) + threadIdx.x / lanes;
   }
-  // Calls take(k) for partials k = lane, lane + lanes, ... (< splits) in that order, loading
-  // kFinalizeBatch of them at once: load(k, j) fills slot j, use(j) merges it.
+  // Walks partials k = lane, lane + lanes, ... (< splits) in that order, kFinalizeBatch at
+  // once: load(k, j) fills slot j with partial k, then use(j) merges slot j, in order.
   template <class Load, class Use>
   __device__ __forceinline__ void walk(int64_t splits, const Load& load, const Use& use) const {
     for (int64_t k0 = lane; k0 < splits; k0 += static_cast<int64_t>(lanes) * kFinalizeBatch) {

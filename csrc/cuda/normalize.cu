@@ -4,9 +4,10 @@
 // vector width take the flat kernel (16-byte vectors across plane boundaries).
 // Channels-last: thread tx owns VC channels (coefficients computed once) and walks
 // its rows (grid-strided), two at a time.
-// Every walk goes from the tensor's end to its start (last plane, vector or row first): the
-// statistics pass before it reads the end of the tensor last, so the first reads here find
-// what it left in L2 (LRU evicts its oldest reads, the start, first).
+// Every walk goes from the tensor's end to its start (last plane, vector or row first), so
+// that it does not start by evicting what the statistics pass read last (LRU): channels-last,
+// that pass ends on the last rows, where this walk starts; planar, it ends on the last
+// channels of every image, which this walk reaches in part first (DESIGN_NOTES.md).
 #include "common.cuh"
 
 namespace fastbn {

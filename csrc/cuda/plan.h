@@ -15,7 +15,7 @@
 namespace fastbn {
 namespace cuda {
 
-constexpr int kThreads = 256;           // threads per block, every kernel but the finalize
+constexpr int kThreads = 256;           // threads per block, every kernel
 constexpr int kMaxGridY = 65535;
 constexpr int kElemBlocksPerSM = 16;     // elementwise grids: enough blocks to fill each SM, then loop
 constexpr int64_t kMinPerBlock = 4096;   // values one reduction block handles, at least
@@ -24,7 +24,8 @@ constexpr int kMaxResident = 2048 / kThreads;  // blocks of kThreads an SM can h
 
 // Finalize kernels (the fixed-order merge of a reduction's `splits` partials per channel):
 // `lanes` threads a channel (a power of two, at most kThreads), each merging at most
-// kFinalizePerLane partials in order, then a fixed tree over the lanes.
+// kFinalizePerLane partials in order until there are kThreads lanes (then more), then a fixed
+// tree over the lanes.
 constexpr int kFinalizePerLane = 8;
 // Partials a finalize lane loads before merging them (independent loads in flight).
 constexpr int kFinalizeBatch = 4;
@@ -141,7 +142,7 @@ inline ElemPlan elementwise_plan(const Geometry& g, int elem_size, int align, in
 //          S and the pointers allow, else 8 bytes, else 1 value
 //  channels_last: block (tile, split) takes rows split * by + ty, + splits * by, ... of vec
 //          channels a thread (16-byte vectors where C and the pointers allow, else 1)
-//  grouped: planes too odd for any vector (7x7): block (group, split) takes kGroup(elem)
+//  grouped: planes too odd for any vector (7x7): block (group, split) takes G = reduce_group(S, elem)
 //          consecutive channels, whose N rows of G planes are each one 16-byte aligned run of
 //          G * S values (common.cuh GroupedWalk); a thread keeps one vector position of the run
 //          and the states of the (at most two) channels its vector covers
@@ -265,7 +266,8 @@ inline size_t reduce_workspace_bound(const Geometry& g, int elem_size, int sm_co
 
 // Blocks of `threads` threads using `regs` registers a thread and `smem` bytes of shared
 // memory that one SM of compute capability 8.0 / 9.0 holds at once (the occupancy
-// calculator's rules: registers allocated per warp in units of 256, warps in units of 4).
+// calculator's rules: registers allocated per warp in units of 256, warps in units of 4;
+// smem_per_sm: 228 KB on sm_90, 164 KB on sm_80).
 inline int blocks_per_sm(int regs, int threads, size_t smem, size_t smem_per_sm = 228 * 1024) {
   const int warps = (threads + 31) / 32;
   const int regs_per_warp = ((std::max(regs, 1) * 32 + 255) / 256) * 256;

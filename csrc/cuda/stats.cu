@@ -80,9 +80,11 @@ __global__ void __launch_bounds__(kThreads, kStatsPlanarMinBlocks<T>)
 }
 
 // Statistics of K vectors of V values split at `lo`: values i < lo of each vector merged into
-// a, the others into b (two-pass in Acc: the mean of each part from its values times 1 / count,
-// then the centred squares; selects, not products, keep an infinite value of one part out of
-// the other).
+// a, the others into b (two-pass in Acc: each part's mean from its values times 1 / count,
+// which cannot overflow near the float range and is block_stats' rule where the count is a
+// power of two (for other counts the reciprocal's rounding costs at most an ulp); then the
+// centred squares; selects, not products, keep an infinite value of one part out of the
+// other).
 template <int K, int V, class Acc>
 __device__ __forceinline__ void split_stats(const Acc (&v)[K][V], int lo, WelfordState<Acc>& a,
                                             WelfordState<Acc>& b) {
