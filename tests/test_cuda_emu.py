@@ -113,9 +113,7 @@ def test_wide_planar(emu, dtype):
 def test_many_splits(emu):
     """Over 256 partials a channel (channels-last (N, C), C = 8): the finalize's 256 lanes a
     channel and its shared-memory tree levels."""
-    case = H.Case((140000, 8), "channels_last")
-    for sm in (SM, 7):
-        _run_case(emu, case, torch.float32, seed=3100 + sm, sm=sm)
+    _run_case(emu, H.Case((140000, 8), "channels_last"), torch.float32, seed=3100)
 
 
 NONFINITE_CASES = [((4, 3, 8, 8), "contiguous"), ((5, 3, 7, 7), "contiguous"), ((3, 8, 7, 7), "contiguous"), ((8, 2, 32, 32), "contiguous"),

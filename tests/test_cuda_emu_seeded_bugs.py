@@ -144,6 +144,7 @@ def test_tsan_sees_a_missing_barrier_and_only_that():
     assert rc != 0 and re.search(r"ThreadSanitizer: data race .*selftest.cu:\d+ in racy_sum_kernel", out), out
 
 
+@pytest.mark.slow  # a module build a bug: about 5 minutes in all on 2 cores
 @pytest.mark.parametrize("bug", BUGS, ids=[b.name.split(" (")[0].replace(" ", "_")[:60] for b in BUGS])
 def test_seeded_bug_is_caught(bug, tmp_path):
     src = _seed(bug, str(tmp_path))
