@@ -100,11 +100,8 @@ PyObject* launch_plan(PyObject*, PyObject* args) {
     const bool cl = sh.walk == Walk::channels_last, grouped = sh.walk == Walk::grouped;
     const std::string name = grouped ? tmpl(partial + "_grouped_kernel", t)
                                      : tmpl(partial + (cl ? "_cl_kernel" : "_planar_kernel"), t, sh.vec);
-    // Shared memory: the channels-last block tree (stats: 2 Acc + an int64 count a row).
-    const auto smem_of = [&](int bx, int by) -> size_t {
-      if (!cl) return 0;
-      return static_cast<size_t>(by) * (static_cast<size_t>(bx) * sh.vec * 2 * acc_size +
-                                        (partial == "stats" ? sizeof(int64_t) : 0));
+    const auto smem_of = [&](int bx, int by) -> size_t {  // the launchers' dynamic shared memory
+      return cl ? cl_reduce_smem(bx, by, sh.vec, acc_size, partial == "stats") : 0;
     };
     const int known = resident_of(registers, name, smem_of(1, kThreads));
     const ReducePlan p = reduce_plan(g, sh, sm_count, known > 0 ? known : kMaxResident);

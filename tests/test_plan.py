@@ -81,7 +81,7 @@ def test_reductions_launch_two_waves(regs):
     assert checked >= 150  # of 258 reductions; the others' tensors are too small for two waves
 
 
-def _vectorised(k, dtype):
+def _vectorised(k):
     return k["vec_bytes"] >= 4
 
 
@@ -91,7 +91,7 @@ def test_resnet50_half_precision_vectorised():
             for dtype in ("float16", "bfloat16"):
                 for cl in (False, True):
                     for k in plan.plan((n,) + chw, dtype, cl, H100_SMS):
-                        assert _vectorised(k, dtype), ((n,) + chw, dtype, cl, k)
+                        assert _vectorised(k), ((n,) + chw, dtype, cl, k)
 
 
 def test_7x7_reductions_take_the_grouped_walk():

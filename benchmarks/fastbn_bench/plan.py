@@ -51,20 +51,23 @@ def _ptxas_report_module():
     return mod
 
 
-def registers_from_log(text, arch="sm_90"):
-    """{kernel name: registers} of `arch` from a log holding a `-Xptxas -v` report."""
+def _report(text):
+    """[(kernel name, arch, resources)] of a `-Xptxas -v` report (scripts/ptxas_report.py's parse)."""
     rep = _ptxas_report_module()
     parsed = rep.parse(text.splitlines())
     names = rep.demangle(list(dict.fromkeys(k for k, _ in parsed)))
-    return {names[k]: r["regs"] for (k, a), r in parsed.items() if a == arch and "regs" in r}
+    return [(names[k], a, r) for (k, a), r in parsed.items()]
+
+
+def registers_from_log(text, arch="sm_90"):
+    """{kernel name: registers} of `arch` from a log holding a `-Xptxas -v` report."""
+    return {name: r["regs"] for name, a, r in _report(text) if a == arch and "regs" in r}
 
 
 def spills_from_log(text):
     """[(kernel name, arch)] of the kernels whose ptxas report shows spill stores or loads."""
-    rep = _ptxas_report_module()
-    parsed = rep.parse(text.splitlines())
-    names = rep.demangle(list(dict.fromkeys(k for k, _ in parsed)))
-    return sorted((names[k], a) for (k, a), r in parsed.items() if rep.spills(r))
+    spills = _ptxas_report_module().spills
+    return sorted((name, a) for name, a, r in _report(text) if spills(r))
 
 
 def compile_report(arch="sm_90"):

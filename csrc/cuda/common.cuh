@@ -74,19 +74,15 @@ template <auto Kernel> using KernelC = std::integral_constant<decltype(Kernel), 
 // reduce_plan). Queried once per kernel and device.
 template <auto Kernel> int resident_blocks(int device, size_t smem) {
   static std::array<std::atomic<int>, 64> cache{};
-  const bool cached = device >= 0 && static_cast<size_t>(device) < cache.size();
-  if (cached) {
-    const int known = cache[device].load(std::memory_order_relaxed);
-    if (known > 0) return known;
-  }
-  int n = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, Kernel, kThreads, smem) != cudaSuccess || n < 1) {
-    (void)cudaGetLastError();  // not fatal: size the split for one block an SM
-    return 1;
-  }
-  n = std::min(n, kMaxResident);
-  if (cached) cache[device].store(n, std::memory_order_relaxed);
-  return n;
+  const int n = cached_per_device(cache, device, [&] {
+    int blocks = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, Kernel, kThreads, smem) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return 0;
+    }
+    return std::min(blocks, kMaxResident);
+  });
+  return n > 0 ? n : 1;  // a failed query is not fatal: size the split for one block an SM
 }
 
 // Position of flat element i of a planar (N, C, S) tensor: its channel c and how many values

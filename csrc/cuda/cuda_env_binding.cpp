@@ -20,15 +20,11 @@ namespace {
 // Multiprocessor count of device `dev`, queried once per device (0 in the cache = not yet).
 int multiprocessor_count(c10::DeviceIndex dev) {
   static std::array<std::atomic<int>, 64> cache{};
-  const bool cached = dev >= 0 && static_cast<size_t>(dev) < cache.size();
-  if (cached) {
-    const int known = cache[dev].load(std::memory_order_relaxed);
-    if (known > 0) return known;
-  }
-  int count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, dev));
-  if (cached) cache[dev].store(count, std::memory_order_relaxed);
-  return count;
+  return cached_per_device(cache, dev, [&] {
+    int count = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, dev));
+    return count;
+  });
 }
 
 }  // namespace

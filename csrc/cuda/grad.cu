@@ -10,25 +10,6 @@ namespace cuda {
 
 namespace {
 
-template <int V, class T, class Acc> __device__ __forceinline__ void load_residual(const T* r, int64_t off, Acc (&res)[V]) {
-  if (r) {
-    load_acc<V>(r + off, res);
-  } else {
-#pragma unroll
-    for (int i = 0; i < V; ++i) res[i] = Acc(0);
-  }
-}
-
-// The V values of dy, x and r (0 without r) at element offset off.
-template <int V, class T, class Acc>
-__device__ __forceinline__ void load_grad_operands(const T* __restrict__ dy, const T* __restrict__ x,
-                                                   const T* __restrict__ r, int64_t off, Acc (&g)[V], Acc (&v)[V],
-                                                   Acc (&res)[V]) {
-  load_acc<V>(dy + off, g);
-  load_acc<V>(x + off, v);
-  load_residual<V>(r, off, res);
-}
-
 // The V values of dy, x and r at one offset as stored (16-bit values take half the registers
 // of their float conversions), for loading several rows before using any.
 template <class T, int V> struct RawOperands {
@@ -39,6 +20,7 @@ template <class T, int V> struct RawOperands {
     v = *reinterpret_cast<const Pack<T, V>*>(x + off);
     if (rp) r = *reinterpret_cast<const Pack<T, V>*>(rp + off);
   }
+  // The values in the accumulation type; r's are 0 without a residual.
   __device__ __forceinline__ void to_acc(bool has_r, acc_t<T> (&go)[V], acc_t<T> (&vo)[V], acc_t<T> (&ro)[V]) const {
 #pragma unroll
     for (int i = 0; i < V; ++i) {
@@ -48,6 +30,22 @@ template <class T, int V> struct RawOperands {
     }
   }
 };
+
+// The V values of dy, x and r (0 without r) at element offset off, converted as loaded (the
+// planar tiles' registers fit their budgets this way, not through RawOperands).
+template <int V, class T, class Acc>
+__device__ __forceinline__ void load_grad_operands(const T* __restrict__ dy, const T* __restrict__ x,
+                                                   const T* __restrict__ r, int64_t off, Acc (&g)[V], Acc (&v)[V],
+                                                   Acc (&res)[V]) {
+  load_acc<V>(dy + off, g);
+  load_acc<V>(x + off, v);
+  if (r) {
+    load_acc<V>(r + off, res);
+  } else {
+#pragma unroll
+    for (int i = 0; i < V; ++i) res[i] = Acc(0);
+  }
+}
 
 // Accumulates V loaded values: s1 += dy_eff, s2 += dy_eff * (x - mean).
 template <int V, class Acc>
@@ -386,7 +384,21 @@ __global__ void __launch_bounds__(kThreads, 4)
 
 // Dynamic shared memory of grad_reduce_cl_kernel for a block of bx x by threads.
 template <class T> size_t grad_cl_smem(int bx, int by, int vc) {
-  return static_cast<size_t>(by) * bx * vc * 2 * sizeof(acc_t<T>);
+  return cl_reduce_smem(bx, by, vc, sizeof(acc_t<T>), /*counts=*/false);
+}
+
+// The backward sums' partial kernel for shape sh, and the shared memory its occupancy is
+// queried with (as with_stats_kernel).
+template <class T, class F> void with_grad_kernel(ReduceShape sh, F&& f) {
+  if (sh.walk == Walk::grouped) return f(KernelC<&grad_reduce_grouped_kernel<T>>{}, size_t{0});
+  with_vec<T>(sh.vec, [&](auto v) {
+    constexpr int V = decltype(v)::value;
+    if (sh.walk == Walk::channels_last) {
+      if constexpr (V == 1 || V == vec_width<T>()) f(KernelC<&grad_reduce_cl_kernel<T, V>>{}, grad_cl_smem<T>(1, kThreads, V));
+    } else {
+      f(KernelC<&grad_reduce_planar_kernel<T, V>>{}, size_t{0});
+    }
+  });
 }
 
 }  // namespace
@@ -398,27 +410,20 @@ cudaError_t launch_grad_reduce(const Geometry& g, const T* dy, const T* x, Chann
   using Acc = acc_t<T>;
   const ReduceShape sh = reduce_shape(g, sizeof(T), pointer_alignment({dy, x, r}));
   ReducePlan p{};
-  ReduceWorkspace<Acc> ws(workspace, 1, g.C);
+  with_grad_kernel<T>(sh, [&](auto kernel, size_t smem_bound) {
+    p = reduce_plan(g, sh, env.sm_count, resident_blocks<decltype(kernel)::value>(env.device, smem_bound));
+  });
+  ReduceWorkspace<Acc> ws(workspace, p.splits, g.C);
   if (sh.walk == Walk::grouped) {
-    constexpr auto kernel = &grad_reduce_grouped_kernel<T>;
-    p = reduce_plan(g, sh, env.sm_count, resident_blocks<kernel>(env.device, 0));
-    ws = ReduceWorkspace<Acc>(workspace, p.splits, g.C);
     FASTBN_LAUNCH(p.grid_x, kThreads, 0, env.stream, grad_reduce_grouped_kernel<T>)(
         dy, x, r, relu, g.N, g.C, static_cast<int>(g.S), sh.group, p.splits, st, af, ws.a, ws.b);
   } else with_vec<T>(sh.vec, [&](auto v) {
     constexpr int V = decltype(v)::value;
     if (sh.walk == Walk::channels_last) {
-      if constexpr (V == 1 || V == vec_width<T>()) {
-        constexpr auto kernel = &grad_reduce_cl_kernel<T, V>;
-        p = reduce_plan(g, sh, env.sm_count, resident_blocks<kernel>(env.device, grad_cl_smem<T>(1, kThreads, V)));
-        ws = ReduceWorkspace<Acc>(workspace, p.splits, g.C);
+      if constexpr (V == 1 || V == vec_width<T>())
         FASTBN_LAUNCH(dim3(p.grid_x, p.grid_y), dim3(p.block_x, p.block_y), grad_cl_smem<T>(p.block_x, p.block_y, V),
                       env.stream, grad_reduce_cl_kernel<T, V>)(dy, x, r, relu, g.rows(), g.C, st, af, ws.a, ws.b);
-      }
     } else {
-      constexpr auto kernel = &grad_reduce_planar_kernel<T, V>;
-      p = reduce_plan(g, sh, env.sm_count, resident_blocks<kernel>(env.device, 0));
-      ws = ReduceWorkspace<Acc>(workspace, p.splits, g.C);
       FASTBN_LAUNCH(p.grid_x, kThreads, 0, env.stream, grad_reduce_planar_kernel<T, V>)(
           dy, x, r, relu, g.N, g.C, g.S, p.splits, st, af, ws.a, ws.b);
     }

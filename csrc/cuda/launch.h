@@ -6,6 +6,8 @@
 #pragma once
 #include <cuda_runtime_api.h>
 
+#include <array>
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 
@@ -19,6 +21,19 @@ struct LaunchEnv {
   int sm_count;  // multiprocessors of the current device
   int device;    // the current device's index
 };
+
+// A per-device value: query() the first time for `device`, then the cached value (devices
+// 0..63; a result <= 0 is returned, not cached).
+template <class Query> int cached_per_device(std::array<std::atomic<int>, 64>& cache, int device, const Query& query) {
+  const bool cached = device >= 0 && static_cast<size_t>(device) < cache.size();
+  if (cached) {
+    const int known = cache[device].load(std::memory_order_relaxed);
+    if (known > 0) return known;
+  }
+  const int v = query();
+  if (cached && v > 0) cache[device].store(v, std::memory_order_relaxed);
+  return v;
+}
 
 // Bytes of device workspace the per-channel reductions (stats, grad sums) need for geometry
 // g; the caller allocates them (caching allocator) and passes them to the launchers below.

@@ -221,6 +221,13 @@ inline ReducePlan reduce_plan(const Geometry& g, ReduceShape shape, int sm_count
   return p;
 }
 
+// Dynamic shared memory of a channels-last reduction block of bx x by threads, vc channels a
+// thread: its tree over the rows of threads (two acc_size values a channel and row, plus an
+// int64 count a row where `counts`: the statistics).
+inline size_t cl_reduce_smem(int bx, int by, int vc, size_t acc_size, bool counts) {
+  return static_cast<size_t>(by) * (static_cast<size_t>(bx) * vc * 2 * acc_size + (counts ? sizeof(int64_t) : 0));
+}
+
 // Lanes per channel, blocks and serial chain of a finalize over `splits` partials of C channels.
 struct FinalizePlan {
   int lanes;      // threads a channel (power of two <= kThreads)
@@ -253,8 +260,7 @@ inline size_t reduce_workspace_bytes_for(int64_t splits, int64_t C, size_t acc_s
 inline size_t reduce_workspace_bound(const Geometry& g, int elem_size, int sm_count) {
   int64_t splits = 1;
   const int W = vec16(elem_size);
-  for (int vec : {1, W / 2, W}) {
-    if (vec < 1) continue;
+  for (int vec : {1, W / 2, W}) {  // W >= 2
     const Walk w = g.channels_last ? Walk::channels_last : Walk::planar;
     splits = std::max(splits, reduce_plan(g, ReduceShape{w, vec}, sm_count, kMaxResident).splits);
   }

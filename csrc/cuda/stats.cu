@@ -308,7 +308,7 @@ __global__ void __launch_bounds__(kThreads)
 
 // Dynamic shared memory of stats_cl_kernel for a block of bx x by threads.
 template <class T> size_t stats_cl_smem(int bx, int by, int vc) {
-  return static_cast<size_t>(by) * (static_cast<size_t>(bx) * vc * 2 * sizeof(acc_t<T>) + sizeof(int64_t));
+  return cl_reduce_smem(bx, by, vc, sizeof(acc_t<T>), /*counts=*/true);
 }
 
 // The statistics' partial kernel for shape sh, and the occupancy its split is sized for.
