@@ -7,7 +7,8 @@
 // graph of the backward is asked for (create_graph=True: double backward), the gradients are
 // instead computed by differentiating a second BatchNorm written as a composition of ATen ops
 // (double_backward_graph), so that autograd can differentiate them again; it is used for
-// nothing else. The running statistics and num_batches_tracked are not differentiable; the
+// nothing else (and, as the op fastbn::forward_composite, by the Python autograd Function that
+// torch.func transforms use). The running statistics and num_batches_tracked are not differentiable; the
 // ops mutate them in place, and their version counters are bumped here.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -266,8 +267,23 @@ Tensor4 merge_stats_autograd(const at::Tensor& counts, const at::Tensor& means, 
   return out;
 }
 
+// fastbn::forward_composite: double_backward_graph behind an op schema (the Python autograd
+// Function used under torch.func transforms differentiates it, fastbn/_autograd.py).
+at::Tensor forward_composite(const at::Tensor& input, const Opt& weight, const Opt& bias, const Opt& residual,
+                             const Opt& mean, const Opt& var, bool training, double eps, bool relu) {
+  TORCH_CHECK(training || (given(mean) && given(var)),
+              "fastbn: forward_composite needs mean and var when training=False");
+  return double_backward_graph(input, value_or_undefined(weight), value_or_undefined(bias),
+                               value_or_undefined(residual), value_or_undefined(mean), value_or_undefined(var),
+                               training, eps, relu);
+}
+
 }  // namespace
 }  // namespace fastbn
+
+TORCH_LIBRARY_IMPL(fastbn, CompositeImplicitAutograd, m) {
+  m.impl("forward_composite", &fastbn::forward_composite);
+}
 
 TORCH_LIBRARY_IMPL(fastbn, Autograd, m) {
   m.impl("forward_train", &fastbn::forward_train_autograd);

@@ -31,6 +31,15 @@ TORCH_LIBRARY(fastbn, m) {
   m.def(
       "backward_eval(Tensor grad_out, Tensor input, Tensor running_mean, Tensor running_var, Tensor? weight, "
       "Tensor? bias, Tensor? residual, float eps, bool relu, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The forward as a differentiable composition of ATen ops (CompositeImplicitAutograd, so autograd,
+  // forward-mode AD and torch.func transforms see through it): act((x - mean) / sqrt(var + eps) * w
+  // + b + residual) in the accumulation dtype, returned in the input's dtype, with the batch
+  // statistics when `training` (mean and var unused, may be None), else `mean` and `var` (the
+  // running statistics). Used for double backward and forward-mode derivatives only; it does
+  // not run fastbn's kernels.
+  m.def(
+      "forward_composite(Tensor input, Tensor? weight, Tensor? bias, Tensor? residual, Tensor? mean, Tensor? var, "
+      "bool training, float eps, bool relu) -> Tensor");
   // Split pieces (SyncBatchNorm). batch_stats: per-channel (mean, biased var) of the input.
   m.def("batch_stats(Tensor input) -> (Tensor, Tensor)");
   // Chan merge of per-rank statistics: counts [W] (any numeric dtype), means/vars [W, C]

@@ -6,14 +6,21 @@
 """
 from . import functional
 from ._ops import ops
-from .convert import convert
+from .convert import convert, revert
+from .fold import fold_into_conv, register_fusers
+from .frozen import FrozenBatchNorm2d
+from .lazy import LazyBatchNorm1d, LazyBatchNorm2d, LazyBatchNorm3d
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
 from .sync import SyncBatchNorm
 
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d",
-    "SyncBatchNorm", "convert", "functional", "ops", "cpu_isa", "built_with_cuda",
+    "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d", "FrozenBatchNorm2d", "SyncBatchNorm", "convert",
+    "revert", "fold_into_conv", "functional", "ops", "cpu_isa", "built_with_cuda",
 ]
+
+# torch.ao.quantization.fuse_modules / fuse_modules_qat accept fastbn's layers as torch's.
+register_fusers()
 
 
 def cpu_isa():

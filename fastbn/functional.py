@@ -1,12 +1,22 @@
 """``fastbn.functional.batch_norm``: ``torch.nn.functional.batch_norm`` on fastbn's kernels."""
 import torch
 
+from . import _autograd
 from ._ops import ops
 
 _ACTIVATIONS = (None, "relu")
-# The ops' overloads, called directly: one dispatcher call, autograd included (csrc/autograd.cpp).
+# The ops' overloads, called directly: one dispatcher call, autograd included (csrc/autograd.cpp;
+# fastbn/_autograd.py under torch.func transforms and forward-mode AD).
 _forward_train = ops.forward_train.default
 _forward_eval = ops.forward_eval.default
+
+
+def forward_ops():
+    """(forward_train, forward_eval) for a call now: the ops' overloads, or under torch.func
+    transforms and forward-mode AD their Python autograd Functions (same arguments)."""
+    if _autograd.transforms_active():
+        return _autograd.forward_train, _autograd.forward_eval
+    return _forward_train, _forward_eval
 
 
 def batch_norm(
@@ -33,6 +43,10 @@ def batch_norm(
     the affine transform, and ``activation="relu"`` applies a ReLU, both inside the
     normalisation pass: ``relu(bn(input) + residual)``.
     """
+    if isinstance(input, torch.fx.Proxy):  # torch.fx tracing: one call_function node for this function
+        args = (input, running_mean, running_var, weight, bias, training, momentum, eps)
+        return input.tracer.create_proxy("call_function", batch_norm, args,
+                                         dict(activation=activation, residual=residual))
     # The op checks its tensors (shapes, dtypes, devices, eps, values per channel, running
     # statistics) before anything is written; what it cannot see is checked here.
     if activation not in _ACTIVATIONS:
@@ -44,9 +58,9 @@ def batch_norm(
     if (running_mean is None) != (running_var is None):
         raise ValueError("fastbn: running_mean and running_var must both be given or both be None")
     relu = activation == "relu"
+    train, evaluate = forward_ops()
     if training:
-        return _forward_train(input, weight, bias, residual, running_mean, running_var, None, float(momentum), eps,
-                              relu)[0]
+        return train(input, weight, bias, residual, running_mean, running_var, None, float(momentum), eps, relu)[0]
     if running_mean is None:
         raise RuntimeError("running_mean must be defined in evaluation mode")
-    return _forward_eval(input, running_mean, running_var, weight, bias, residual, eps, relu)
+    return evaluate(input, running_mean, running_var, weight, bias, residual, eps, relu)

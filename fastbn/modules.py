@@ -4,12 +4,17 @@ against torch's classes still hold) and run forward/backward on fastbn's kernels
 
 ``fastbn.BatchNormAct1d/2d/3d`` add a fused ``relu(bn(x) + residual)``; they subclass
 torch's ``_BatchNorm`` (not ``BatchNorm2d``, so code that folds plain BatchNorm layers into
-convolutions does not mistake them for one) and keep the same state_dict keys."""
+convolutions does not mistake them for one) and keep the same state_dict keys.
+
+Every layer works with the tools people run on models (README "Works with"): torch.func
+transforms and forward-mode AD (fastbn/_autograd.py), torch.fx (each layer is a leaf module,
+one ``call_module`` node, whatever the tracer), torch.jit.trace and torch.jit.script
+(``_scripted_forward``), torch.compile and torch.export (the ops' fake implementations)."""
+from typing import Optional
+
 import torch
 
-
-
-from .functional import _forward_eval, _forward_train
+from .functional import forward_ops
 
 
 def _param(module, name):
@@ -34,45 +39,87 @@ def running_args(module):
     return buffers.get("running_mean"), buffers.get("running_var"), nbt, momentum
 
 
+def _fx_call_module(module, input, residual):
+    """Under torch.fx tracing (a Proxy argument): one ``call_module`` node for `module`, as a
+    tracer makes for torch.nn's layers, so the traced GraphModule calls the layer itself (its
+    train/eval mode stays live) and nothing reads the Proxy's rank or values."""
+    tracer = (input if isinstance(input, torch.fx.Proxy) else residual).tracer
+    args = (input,) if residual is None else (input, residual)
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), args, {})
+
+
+@torch.jit.unused
 def _forward(module, input, residual=None, activation=None):
     """One op call: the training forward (running statistics updated, num_batches_tracked
     incremented, inside the op and only once every check has passed), or the evaluation
-    forward; batch statistics in eval too when the module keeps no running statistics."""
+    forward; batch statistics in eval too when the module keeps no running statistics.
+    The ops' C++ autograd, or under torch.func transforms and forward-mode AD the Python one."""
+    if isinstance(input, torch.fx.Proxy) or isinstance(residual, torch.fx.Proxy):
+        return _fx_call_module(module, input, residual)
     module._check_input_dim(input)
     relu = activation == "relu"
     weight, bias = _param(module, "weight"), _param(module, "bias")
+    train, evaluate = forward_ops()
     if module.training:
         rm, rv, nbt, momentum = running_args(module)
-        return _forward_train(input, weight, bias, residual, rm, rv, nbt, momentum, module.eps, relu)[0]
+        return train(input, weight, bias, residual, rm, rv, nbt, momentum, module.eps, relu)[0]
     buffers = module._buffers
     rm, rv = buffers.get("running_mean"), buffers.get("running_var")
     if rm is None and rv is None:
-        return _forward_train(input, weight, bias, residual, None, None, None, 0.0, module.eps, relu)[0]
-    return _forward_eval(input, rm, rv, weight, bias, residual, module.eps, relu)
+        return train(input, weight, bias, residual, None, None, None, 0.0, module.eps, relu)[0]
+    return evaluate(input, rm, rv, weight, bias, residual, module.eps, relu)
 
 
-class BatchNorm1d(torch.nn.BatchNorm1d):
+class _Scriptable:
+    """``_scripted_forward``: _forward (with running_args) in TorchScript, used by the layers'
+    forward under torch.jit.script (eager takes _forward, which reads the parameter and buffer
+    dicts directly)."""
+
+    def _scripted_forward(self, input: torch.Tensor, residual: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
+        self._check_input_dim(input)
+        rm: Optional[torch.Tensor] = self.running_mean
+        rv: Optional[torch.Tensor] = self.running_var
+        if self.training or (rm is None and rv is None):
+            nbt: Optional[torch.Tensor] = self.num_batches_tracked
+            momentum: Optional[float] = self.momentum
+            if not self.training or not self.track_running_stats:
+                rm, rv, nbt, momentum = None, None, None, 0.0
+            elif momentum is None and nbt is None:
+                momentum = 0.0
+            return torch.ops.fastbn.forward_train(input, self.weight, self.bias, residual, rm, rv, nbt, momentum,
+                                                  self.eps, relu)[0]
+        assert rm is not None and rv is not None
+        return torch.ops.fastbn.forward_eval(input, rm, rv, self.weight, self.bias, residual, self.eps, relu)
+
+
+class BatchNorm1d(_Scriptable, torch.nn.BatchNorm1d):
     """``torch.nn.BatchNorm1d`` on fastbn's kernels: input (N, C) or (N, C, L)."""
 
-    def forward(self, input):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._scripted_forward(input, None, False)
         return _forward(self, input)
 
 
-class BatchNorm2d(torch.nn.BatchNorm2d):
+class BatchNorm2d(_Scriptable, torch.nn.BatchNorm2d):
     """``torch.nn.BatchNorm2d`` on fastbn's kernels: input (N, C, H, W), NCHW or channels_last."""
 
-    def forward(self, input):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._scripted_forward(input, None, False)
         return _forward(self, input)
 
 
-class BatchNorm3d(torch.nn.BatchNorm3d):
+class BatchNorm3d(_Scriptable, torch.nn.BatchNorm3d):
     """``torch.nn.BatchNorm3d`` on fastbn's kernels: input (N, C, D, H, W), NCDHW or channels_last_3d."""
 
-    def forward(self, input):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._scripted_forward(input, None, False)
         return _forward(self, input)
 
 
-class _BatchNormAct(torch.nn.modules.batchnorm._BatchNorm):
+class _BatchNormAct(_Scriptable, torch.nn.modules.batchnorm._BatchNorm):
     """BatchNorm followed by ``activation`` (``"relu"`` or ``None``), with an optional residual
     added before it, all inside fastbn's normalisation pass: ``forward(x, residual=None)``
     returns ``act(bn(x) + residual)``. The backward pass does not keep the output: the relu
@@ -85,7 +132,12 @@ class _BatchNormAct(torch.nn.modules.batchnorm._BatchNorm):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs)
         self.activation = activation
 
-    def forward(self, input, residual=None):
+    activation: Optional[str]
+
+    def forward(self, input: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            activation = self.activation
+            return self._scripted_forward(input, residual, activation is not None and activation == "relu")
         return _forward(self, input, residual, self.activation)
 
     def extra_repr(self):

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from ._ops import acc_dtype, ops
-from .modules import _BatchNormAct, _forward, running_args
+from .modules import _BatchNormAct, _forward, _fx_call_module, _Scriptable, running_args
 
 
 class _SyncBatchNormFn(torch.autograd.Function):
@@ -58,14 +58,37 @@ class _SyncBatchNormFn(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
-class SyncBatchNorm(torch.nn.SyncBatchNorm):
-    """``torch.nn.SyncBatchNorm`` on fastbn's kernels (same constructor, incl.
-    ``process_group``, and state_dict). In eval mode, or when torch.distributed is not
-    initialised or the group has one rank, it behaves as fastbn's plain BatchNorm. Unlike
-    torch's, it also synchronises CPU tensors (gloo). A training step makes no host
-    synchronisation: the merged batch size stays on the device."""
+class SyncBatchNorm(_Scriptable, torch.nn.modules.batchnorm._BatchNorm):
+    """``torch.nn.SyncBatchNorm`` on fastbn's kernels: the same constructor (incl.
+    ``process_group``), attributes, input checks, state_dict and ``convert_sync_batchnorm``.
+    In eval mode, or when torch.distributed is not initialised or the group has one rank, it
+    behaves as fastbn's plain BatchNorm. Unlike torch's, it also synchronises CPU tensors
+    (gloo), DistributedDataParallel included: it subclasses ``_BatchNorm`` as torch's does,
+    not ``torch.nn.SyncBatchNorm`` itself, whose isinstance check makes DDP refuse CPU
+    modules (so ``isinstance(m, torch.nn.SyncBatchNorm)`` is False). A training step makes
+    no host synchronisation: the merged batch size stays on the device. Under torch.jit.script
+    it runs in eval mode only (a scripted module cannot reach torch.distributed)."""
 
-    def forward(self, input):
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 process_group=None, device=None, dtype=None, **kwargs):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs)
+        self.process_group = process_group
+
+    _check_input_dim = torch.nn.SyncBatchNorm._check_input_dim
+    _check_non_zero_input_channels = torch.nn.SyncBatchNorm._check_non_zero_input_channels
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            if self.training:
+                raise RuntimeError("fastbn.SyncBatchNorm: a TorchScript module cannot synchronise ranks; script it "
+                                   "in eval mode (inference), or train with torch.compile or eager")
+            return self._scripted_forward(input, None, False)
+        return self._eager_forward(input)
+
+    @torch.jit.unused
+    def _eager_forward(self, input):
+        if isinstance(input, torch.fx.Proxy):
+            return _fx_call_module(self, input, None)
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
         group, world = None, 1

@@ -16,6 +16,9 @@ need pytest pytest
 need matplotlib matplotlib
 need sklearn scikit-learn
 need tqdm tqdm
+need onnx onnx                # ONNX export tests (fastbn.onnx)
+need onnxscript onnxscript
+need onnxruntime onnxruntime
 if [ "${1:-}" = "--deps-only" ]; then exit 0; fi  # the packages only, not fastbn
 # Build only when the sources changed since the last build made here.
 stamp=$(cat setup.py $(find csrc -type f | sort) | sha1sum | cut -d' ' -f1)

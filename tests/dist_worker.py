@@ -104,7 +104,12 @@ def run(rank, world, init_file, cfg, out_dir):
         model.to(cfg.get("device", "cpu"))
         lo = sum(cfg["batch_sizes"][:rank])
         hi = lo + cfg["batch_sizes"][rank]
-        out = train_steps(model, cfg, lo, hi, torch.compile(model) if cfg.get("compile") else None)
+        fwd = None
+        if cfg.get("compile"):
+            fwd = torch.compile(model)
+        elif cfg.get("ddp"):  # DistributedDataParallel on the CPU: averages weight/bias grads over ranks
+            fwd = torch.nn.parallel.DistributedDataParallel(model)
+        out = train_steps(model, cfg, lo, hi, fwd)
         def cpu(v):
             return v.cpu() if torch.is_tensor(v) else v
 

@@ -82,6 +82,26 @@ def make_pair(kind, channels, device="cpu", param_dt=torch.float32, **kwargs):
     return ref, ours
 
 
+def assert_step_matches(ours, ref, x, **tolerance):
+    """One forward and backward of `ours` and `ref` on copies of `x` (the same random output
+    gradient): their outputs and input gradients agree within `tolerance`."""
+    xo, xr = x.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
+    yo, yr = ours(xo), ref(xr)
+    torch.testing.assert_close(yo, yr, **tolerance)
+    g = torch.randn_like(yr)
+    yo.backward(g)
+    yr.backward(g)
+    torch.testing.assert_close(xo.grad, xr.grad, **tolerance)
+
+
+def assert_states_equal(ours, ref, **tolerance):
+    """The same state_dict keys, in order, with values within `tolerance`."""
+    a, b = ours.state_dict(), ref.state_dict()
+    assert list(a) == list(b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], **tolerance, msg=lambda s: f"{k}: {s}")
+
+
 def make_input(shape, dtype, device="cpu", layout="contiguous", scale=2.0, offset=0.5):
     """Random input (never zeros) in the requested memory layout:
     'contiguous', 'channels_last' (4-D/5-D) or 'strided' (a non-contiguous view)."""

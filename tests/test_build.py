@@ -12,6 +12,8 @@ OPS = ("forward_train", "forward_eval", "backward_train", "backward_eval", "batc
        "backward_reduce", "backward_elemt")
 # The ops whose autograd is fastbn's own (csrc/autograd.cpp), on every device.
 DIFFERENTIABLE = ("forward_train", "forward_eval")
+# The ops that are compositions of ATen ops (CompositeImplicitAutograd: no kernel of their own).
+COMPOSITE = ("forward_composite",)
 EXPECT_CUDA = os.environ.get("FASTBN_EXPECT_CUDA") == "1"
 
 
@@ -25,7 +27,13 @@ def missing_kernels(key):
 
 
 def test_every_op_is_registered():
-    assert registered_ops() == sorted(OPS)
+    assert registered_ops() == sorted(OPS + COMPOSITE)
+
+
+def test_composite_ops_decompose():
+    for op in COMPOSITE:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastbn::{op}", "CompositeImplicitAutograd"), op
+    assert not torch._C._dispatch_has_kernel_for_dispatch_key("fastbn::forward_eval", "CompositeImplicitAutograd")
 
 
 @pytest.mark.parametrize("key", ["CPU", "Meta"])

@@ -241,8 +241,13 @@ def test_small_net_check_catches_a_seeded_bug(dtype, bug, monkeypatch):
 
         monkeypatch.setattr(modules, "running_args", scaled)
     else:  # forward_train(input, weight, bias, residual, rm, rv, nbt, momentum, eps, relu)
-        train = modules._forward_train
-        monkeypatch.setattr(modules, "_forward_train", lambda *a: train(*a[:8], a[8] * 1.5, *a[9:]))
+        forward_ops = modules.forward_ops
+
+        def seeded():
+            train, evaluate = forward_ops()
+            return (lambda *a: train(*a[:8], a[8] * 1.5, *a[9:])), evaluate
+
+        monkeypatch.setattr(modules, "forward_ops", seeded)
     ref, fast = small_net_pair(dtype)
     data = batches((16, 3, 16, 16), 10, dtype, channels_last=True, seed=2)
     with pytest.raises(AssertionError, match="differs from torch|first-step gradient"):
@@ -279,19 +284,21 @@ def test_resnet18_calls_no_aten_batch_norm():
     assert not bn_ops(fastbn.convert(copy.deepcopy(model)))
 
 
-@pytest.mark.xfail(raises=torch.fx.proxy.TraceError, strict=True,
-                   reason="fastbn modules are not FX-traceable yet (issue: the ecosystem)")
-def test_resnet18_feature_extractor():
+@pytest.mark.parametrize("train", [False, True])
+def test_resnet18_feature_extractor(train):
     """torchvision's create_feature_extractor (FX) on the converted model gives the unconverted
-    model's features."""
+    model's features, a BatchNorm layer's output among them (fastbn's layers are leaf
+    modules, named as torch's are), in eval and in training mode."""
     torchvision = pytest.importorskip("torchvision")
     from torchvision.models.feature_extraction import create_feature_extractor
 
-    ref = randomized(torchvision.models.resnet18(num_classes=10), seed=1).eval()
+    ref = randomized(torchvision.models.resnet18(num_classes=10), seed=1).train(train)
     fast = fastbn.convert(copy.deepcopy(ref))
-    nodes = {"layer1": "c2", "layer3": "c4", "fc": "logits"}
+    nodes = {"layer1": "c2", "layer2.0.bn2": "bn", "layer3": "c4", "fc": "logits"}
     x = torch.randn(2, 3, 64, 64)
-    got = create_feature_extractor(fast, return_nodes=nodes)(x)
+    got_model = create_feature_extractor(fast, return_nodes=nodes)
+    got = got_model(x)
     want = create_feature_extractor(ref, return_nodes=nodes)(x)
     for k in nodes.values():
         torch.testing.assert_close(got[k], want[k])
+    assert isinstance(got_model.get_submodule("layer2.0.bn2"), fastbn.BatchNorm2d)

@@ -37,6 +37,8 @@ def _op_samples(device, layout="contiguous", dtype=torch.float32):
         (ops.backward_train, (dy, x, mean, invstd, None, None, None, False, [True, False, False, False])),
         (ops.backward_eval, (dy, x, rm, rv, w, b, None, 1e-5, False, [True, True, True, False])),
         (ops.backward_eval, (dy, x, rm, rv, w, b, r, 1e-5, True, [False, True, False, True])),
+        (ops.forward_composite, (x, w, b, r, None, None, True, 1e-5, True)),
+        (ops.forward_composite, (x, None, b, None, rm, rv, False, 1e-5, False)),
         (ops.batch_stats, (x,)),
         (ops.merge_stats, (counts, means, vars_, None, None, None, None, 1e-5)),
         (ops.merge_stats, (counts, means, vars_, rm.clone(), rv.clone(), nbt.clone(), None, 1e-5)),

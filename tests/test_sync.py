@@ -1,7 +1,7 @@
 """fastbn.SyncBatchNorm on torch.distributed (gloo, CPU): 2 and 3 processes with unequal
 batch sizes against single-process torch.nn.BatchNorm over the concatenated batch, for
 outputs, input grads, weight/bias grads (summed over ranks), running statistics after
-several steps, and eval; also under torch.compile. Processes are spawned by the tests,
+several steps, and eval; also under torch.compile and DistributedDataParallel. Processes are spawned by the tests,
 rendezvous through a file (no network), and are killed after a deadline."""
 import time
 
@@ -43,14 +43,19 @@ def _compare(ranks, ref, cfg):
     for step in range(cfg["steps"]):
         torch.testing.assert_close(torch.cat([r["y"][step] for r in ranks]), ref["y"][step], **tol)
         torch.testing.assert_close(torch.cat([r["dx"][step] for r in ranks]), ref["dx"][step], **tol)
-        torch.testing.assert_close(sum(r["dw"][step] for r in ranks), ref["dw"][step], **tol)
-        torch.testing.assert_close(sum(r["db"][step] for r in ranks), ref["db"][step], **tol)
+        if cfg.get("ddp"):  # DDP gives every rank the average of the ranks' gradients
+            for r in ranks:
+                torch.testing.assert_close(r["dw"][step] * len(ranks), ref["dw"][step], **tol)
+                torch.testing.assert_close(r["db"][step] * len(ranks), ref["db"][step], **tol)
+        else:
+            torch.testing.assert_close(sum(r["dw"][step] for r in ranks), ref["dw"][step], **tol)
+            torch.testing.assert_close(sum(r["db"][step] for r in ranks), ref["db"][step], **tol)
         for r in ranks:  # every rank holds the full-batch running statistics
             torch.testing.assert_close(r["rm"][step], ref["rm"][step], **tol)
             torch.testing.assert_close(r["rv"][step], ref["rv"][step], **tol)
     torch.testing.assert_close(torch.cat([r["y_eval"] for r in ranks]), ref["y_eval"], **tol)
     assert all(r["nbt"] == cfg["steps"] for r in ranks)
-    if not cfg.get("compile"):  # no host synchronisation in a training step
+    if not cfg.get("compile") and not cfg.get("ddp"):  # no host synchronisation in a training step
         assert all(r["host_reads"] == [] for r in ranks), [r["host_reads"] for r in ranks]
 
 
@@ -66,6 +71,25 @@ CONFIGS = {
 def test_sync_batchnorm_matches_full_batch(name, tmp_path):
     cfg = dict(CONFIGS[name], seed=11, steps=3)
     _compare(_spawn(cfg, tmp_path), _reference(cfg), cfg)
+
+
+def test_sync_batchnorm_under_ddp_on_gloo(tmp_path):
+    """DistributedDataParallel accepts a CPU model with fastbn.SyncBatchNorm (it refuses
+    torch.nn.SyncBatchNorm there: "SyncBatchNorm layers only work with GPU modules")."""
+    with pytest.raises(ValueError, match="only work with GPU modules"):
+        _ddp_refuses_torch_sync_batchnorm(tmp_path)
+    cfg = dict(batch_sizes=[3, 5], feature_shape=(4, 3, 3), momentum=0.1, seed=7, steps=3, ddp=True)
+    _compare(_spawn(cfg, tmp_path), _reference(cfg), cfg)
+
+
+def _ddp_refuses_torch_sync_batchnorm(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'single'}", rank=0, world_size=1)
+    try:
+        torch.nn.parallel.DistributedDataParallel(torch.nn.SyncBatchNorm(4))
+    finally:
+        dist.destroy_process_group()
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs a GPU per rank: fewer than 2 GPUs visible")
