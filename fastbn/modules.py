@@ -70,10 +70,15 @@ def _forward(module, input, residual=None, activation=None):
     return evaluate(input, rm, rv, weight, bias, residual, module.eps, relu)
 
 
-class _Scriptable:
-    """``_scripted_forward``: _forward (with running_args) in TorchScript, used by the layers'
-    forward under torch.jit.script (eager takes _forward, which reads the parameter and buffer
-    dicts directly)."""
+class _BatchNormForward:
+    """The forward of fastbn's BatchNorm layers: eager calls _forward (which reads the
+    parameter and buffer dicts directly); torch.jit.script compiles ``_scripted_forward``,
+    the same (with running_args) in TorchScript."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._scripted_forward(input, None, False)
+        return _forward(self, input)
 
     def _scripted_forward(self, input: torch.Tensor, residual: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
         self._check_input_dim(input)
@@ -92,38 +97,25 @@ class _Scriptable:
         return torch.ops.fastbn.forward_eval(input, rm, rv, self.weight, self.bias, residual, self.eps, relu)
 
 
-class BatchNorm1d(_Scriptable, torch.nn.BatchNorm1d):
+class BatchNorm1d(_BatchNormForward, torch.nn.BatchNorm1d):
     """``torch.nn.BatchNorm1d`` on fastbn's kernels: input (N, C) or (N, C, L)."""
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting():
-            return self._scripted_forward(input, None, False)
-        return _forward(self, input)
 
-
-class BatchNorm2d(_Scriptable, torch.nn.BatchNorm2d):
+class BatchNorm2d(_BatchNormForward, torch.nn.BatchNorm2d):
     """``torch.nn.BatchNorm2d`` on fastbn's kernels: input (N, C, H, W), NCHW or channels_last."""
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting():
-            return self._scripted_forward(input, None, False)
-        return _forward(self, input)
 
-
-class BatchNorm3d(_Scriptable, torch.nn.BatchNorm3d):
+class BatchNorm3d(_BatchNormForward, torch.nn.BatchNorm3d):
     """``torch.nn.BatchNorm3d`` on fastbn's kernels: input (N, C, D, H, W), NCDHW or channels_last_3d."""
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting():
-            return self._scripted_forward(input, None, False)
-        return _forward(self, input)
 
-
-class _BatchNormAct(_Scriptable, torch.nn.modules.batchnorm._BatchNorm):
+class _BatchNormAct(_BatchNormForward, torch.nn.modules.batchnorm._BatchNorm):
     """BatchNorm followed by ``activation`` (``"relu"`` or ``None``), with an optional residual
     added before it, all inside fastbn's normalisation pass: ``forward(x, residual=None)``
     returns ``act(bn(x) + residual)``. The backward pass does not keep the output: the relu
     mask is recomputed from the input and the saved statistics."""
+
+    activation: Optional[str]
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, device=None,
                  dtype=None, *, activation="relu", **kwargs):
@@ -131,8 +123,6 @@ class _BatchNormAct(_Scriptable, torch.nn.modules.batchnorm._BatchNorm):
             raise ValueError(f"fastbn: activation must be None or 'relu', got {activation!r}")
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs)
         self.activation = activation
-
-    activation: Optional[str]
 
     def forward(self, input: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         if torch.jit.is_scripting():

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from ._ops import acc_dtype, ops
-from .modules import _BatchNormAct, _forward, _fx_call_module, _Scriptable, running_args
+from .modules import _BatchNormAct, _BatchNormForward, _forward, _fx_call_module, running_args
 
 
 class _SyncBatchNormFn(torch.autograd.Function):
@@ -58,7 +58,7 @@ class _SyncBatchNormFn(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
-class SyncBatchNorm(_Scriptable, torch.nn.modules.batchnorm._BatchNorm):
+class SyncBatchNorm(_BatchNormForward, torch.nn.modules.batchnorm._BatchNorm):
     """``torch.nn.SyncBatchNorm`` on fastbn's kernels: the same constructor (incl.
     ``process_group``), attributes, input checks, state_dict and ``convert_sync_batchnorm``.
     In eval mode, or when torch.distributed is not initialised or the group has one rank, it

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import fastbn
+from fastbn.testing import tol
 from helpers import randomize_
 
 STEPS = 4
@@ -299,6 +300,6 @@ def test_resnet18_feature_extractor(train):
     got_model = create_feature_extractor(fast, return_nodes=nodes)
     got = got_model(x)
     want = create_feature_extractor(ref, return_nodes=nodes)(x)
-    for k in nodes.values():
-        torch.testing.assert_close(got[k], want[k])
+    for k in nodes.values():  # training mode: batch statistics, float rounding through 3 stages
+        torch.testing.assert_close(got[k], want[k], **tol(torch.float32))
     assert isinstance(got_model.get_submodule("layer2.0.bn2"), fastbn.BatchNorm2d)

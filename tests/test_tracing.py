@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from helpers import assert_states_equal, assert_step_matches, randomize_
 
 import fastbn
+from fastbn.testing import FASTBN, TORCH_BN
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -138,8 +139,8 @@ def test_jit_script_model_trains_and_evaluates():
                                     dict(bias=False)])
 @pytest.mark.parametrize("kind", [1, 2, 3])
 def test_jit_script_layers(kind, kwargs):
-    ref = randomize_(fastbn.testing.TORCH_BN[kind](5, **kwargs))
-    ours = fastbn.testing.FASTBN[kind](5, **kwargs)
+    ref = randomize_(TORCH_BN[kind](5, **kwargs))
+    ours = FASTBN[kind](5, **kwargs)
     ours.load_state_dict(ref.state_dict())
     shape = {1: (6, 5), 2: (6, 5, 3, 2), 3: (6, 5, 2, 2, 2)}[kind]
     scripted = _script_roundtrip(ours)
