@@ -65,7 +65,20 @@ def _split_channels(t, batch):
     return (t, None) if t.numel() == 0 and t.dim() == 1 else (t.view(batch, -1), 0)
 
 
-def _results(pairs):
+# How each argument and output of an op is folded and split: "v" shaped like the input, "c"
+# per channel, "-" not batched (passed as it is).
+_FOLD = {"v": _fold_values, "c": _fold_channels}
+_SPLIT = {"v": _split_values, "c": _split_channels}
+
+
+def _fold_args(args, in_dims, kinds, batch):
+    """`args` (vmapped at `in_dims`) folded by their `kinds` for one call of the op."""
+    return [a if k == "-" else _FOLD[k](a, d, batch) for a, d, k in zip(args, in_dims, kinds)]
+
+
+def _split_outputs(outputs, kinds, batch):
+    """(outputs, out_dims) of a vmap rule for the op's `outputs` (a tuple) of the given kinds."""
+    pairs = [_SPLIT[k](t, batch) for t, k in zip(outputs, kinds)]
     return tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
 
 
@@ -82,7 +95,7 @@ def _per_model(info, in_dims, op, args):
 def _forward_train_vmap(info, in_dims, input, weight, bias, residual, running_mean, running_var, num_batches_tracked,
                         momentum, eps, relu):
     B = info.batch_size
-    dx, dw, db, dr, drm, drv, dn = in_dims[:7]
+    drm, drv, dn = in_dims[4:7]
     if running_mean is not None or running_var is not None:
         if drm is None or drv is None:
             raise RuntimeError(_SHARED_RUNNING_STATS)
@@ -93,61 +106,34 @@ def _forward_train_vmap(info, in_dims, input, weight, bias, residual, running_me
         return _per_model(info, in_dims, ops.forward_train.default, args)
     rm, write_rm = _fold_state(running_mean, drm)
     rv, write_rv = _fold_state(running_var, drv)
-    y, mean, invstd, var = ops.forward_train.default(
-        _fold_values(input, dx, B), _fold_channels(weight, dw, B), _fold_channels(bias, db, B),
-        _fold_values(residual, dr, B), rm, rv, None, momentum, eps, relu)
+    operands = _fold_args((input, weight, bias, residual), in_dims, "vccv", B)
+    outputs = ops.forward_train.default(*operands, rm, rv, None, momentum, eps, relu)
     write_rm()
     write_rv()
     if num_batches_tracked is not None:
         num_batches_tracked.add_(1)
-    return _results([_split_values(y, B), _split_channels(mean, B), _split_channels(invstd, B),
-                     _split_channels(var, B)])
+    return _split_outputs(outputs, "vccc", B)
 
 
-@torch.library.register_vmap("fastbn::forward_eval")
-def _forward_eval_vmap(info, in_dims, input, running_mean, running_var, weight, bias, residual, eps, relu):
-    B = info.batch_size
-    dx, drm, drv, dw, db, dr = in_dims[:6]
-    y = ops.forward_eval.default(
-        _fold_values(input, dx, B), _fold_channels(running_mean, drm, B), _fold_channels(running_var, drv, B),
-        _fold_channels(weight, dw, B), _fold_channels(bias, db, B), _fold_values(residual, dr, B), eps, relu)
-    return _split_values(y, B)
+def _register_folded(name, arg_kinds, out_kinds):
+    """Registers the batching rule of ``fastbn::<name>``: its arguments folded and its outputs
+    split by kind (_FOLD, _SPLIT), the op called once."""
+    op = getattr(ops, name).default
+
+    def rule(info, in_dims, *args):
+        out = op(*_fold_args(args, in_dims, arg_kinds, info.batch_size))
+        if isinstance(out, torch.Tensor):
+            return _SPLIT[out_kinds](out, info.batch_size)
+        return _split_outputs(out, out_kinds, info.batch_size)
+
+    torch.library.register_vmap(f"fastbn::{name}", rule)
 
 
-def _backward_results(grads, B):
-    gi, gw, gb, gr = grads
-    return _results([_split_values(gi, B), _split_channels(gw, B), _split_channels(gb, B), _split_values(gr, B)])
-
-
-@torch.library.register_vmap("fastbn::backward_train")
-def _backward_train_vmap(info, in_dims, grad_out, input, save_mean, save_invstd, weight, bias, residual, relu,
-                         output_mask):
-    B = info.batch_size
-    dg, dx, dm, ds, dw, db, dr = in_dims[:7]
-    grads = ops.backward_train.default(
-        _fold_values(grad_out, dg, B), _fold_values(input, dx, B), _fold_channels(save_mean, dm, B),
-        _fold_channels(save_invstd, ds, B), _fold_channels(weight, dw, B), _fold_channels(bias, db, B),
-        _fold_values(residual, dr, B), relu, output_mask)
-    return _backward_results(grads, B)
-
-
-@torch.library.register_vmap("fastbn::backward_eval")
-def _backward_eval_vmap(info, in_dims, grad_out, input, running_mean, running_var, weight, bias, residual, eps, relu,
-                        output_mask):
-    B = info.batch_size
-    dg, dx, drm, drv, dw, db, dr = in_dims[:7]
-    grads = ops.backward_eval.default(
-        _fold_values(grad_out, dg, B), _fold_values(input, dx, B), _fold_channels(running_mean, drm, B),
-        _fold_channels(running_var, drv, B), _fold_channels(weight, dw, B), _fold_channels(bias, db, B),
-        _fold_values(residual, dr, B), eps, relu, output_mask)
-    return _backward_results(grads, B)
-
-
-@torch.library.register_vmap("fastbn::forward_composite")
-def _forward_composite_vmap(info, in_dims, input, weight, bias, residual, mean, var, training, eps, relu):
-    B = info.batch_size
-    dx, dw, db, dr, dm, dv = in_dims[:6]
-    y = ops.forward_composite.default(
-        _fold_values(input, dx, B), _fold_channels(weight, dw, B), _fold_channels(bias, db, B),
-        _fold_values(residual, dr, B), _fold_channels(mean, dm, B), _fold_channels(var, dv, B), training, eps, relu)
-    return _split_values(y, B)
+# (input, running_mean, running_var, weight, bias, residual, eps, relu) -> out
+_register_folded("forward_eval", "vccccv--", "v")
+# (grad_out, input, save_mean, save_invstd, weight, bias, residual, relu, output_mask) -> 4 grads
+_register_folded("backward_train", "vvccccv--", "vccv")
+# (grad_out, input, running_mean, running_var, weight, bias, residual, eps, relu, output_mask)
+_register_folded("backward_eval", "vvccccv---", "vccv")
+# (input, weight, bias, residual, mean, var, training, eps, relu) -> out
+_register_folded("forward_composite", "vccvcc---", "v")

@@ -67,9 +67,9 @@ def replace_batchnorms(module, pick, process_group=None):
 
 def convert(module, sync_batchnorm=False, process_group=None):
     """Returns ``module`` with every ``torch.nn.BatchNorm1d/2d/3d`` and
-    ``torch.nn.LazyBatchNorm1d/2d/3d`` (not yet materialised) replaced by its fastbn twin, and
-    torchvision's ``FrozenBatchNorm2d`` by ``fastbn.FrozenBatchNorm2d`` (and, with ``sync_batchnorm=True``, every ``torch.nn.SyncBatchNorm`` by
-    ``fastbn.SyncBatchNorm``). The twins share the original parameters and buffers, so
+    ``torch.nn.LazyBatchNorm1d/2d/3d`` (not yet materialised) replaced by its fastbn twin,
+    torchvision's ``FrozenBatchNorm2d`` by ``fastbn.FrozenBatchNorm2d`` (and, with
+    ``sync_batchnorm=True``, every ``torch.nn.SyncBatchNorm`` by ``fastbn.SyncBatchNorm``). The twins share the original parameters and buffers, so
     device, dtype, requires_grad, train/eval mode and optimizer state carry over; all other
     modules are untouched (only exact torch classes are replaced, not subclasses). If
     ``module`` is itself such a layer, its twin is returned."""

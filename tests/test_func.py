@@ -260,3 +260,32 @@ def test_functional_batch_norm_under_transforms():
     xs = make_input((5, 4, 3, 2), torch.float64)
     torch.testing.assert_close(vmap(lambda x: fastbn.functional.batch_norm(x, rm, rv, w, b, False))(xs),
                                vmap(lambda x: F.batch_norm(x, rm, rv, w, b, False))(xs), **F64)
+
+
+def test_vmap_rules_of_the_ops_match_a_loop():
+    """Each op's batching rule (fastbn/_vmap.py) against the op called once per sample, with
+    some arguments batched (at dimension 0 or 1) and some shared; every output compared."""
+    ops = fastbn.ops
+    B, C = 3, 4
+    x, dy, r = (make_input((B, 5, C, 2, 3), torch.float64) for _ in range(3))
+    w, bias = torch.rand(B, C, dtype=torch.float64) + 0.5, torch.randn(C, dtype=torch.float64)
+    mean, invstd = torch.randn(C, B, dtype=torch.float64), torch.rand(B, C, dtype=torch.float64) + 0.5
+    cases = [
+        (ops.forward_train, (x, w, bias, r, None, None, None, 0.0, 1e-5, True), (0, 0, None, 0)),
+        (ops.forward_eval, (x, mean, invstd, w, bias, r, 1e-5, True), (0, 1, 0, 0, None, 0)),
+        (ops.backward_train, (dy, x, mean, invstd, w, bias, r, True, [True, True, True, True]),
+         (0, 0, 1, 0, 0, None, 0)),
+        (ops.backward_eval, (dy, x, mean, invstd, w, None, None, 1e-5, False, [True, True, False, False]),
+         (0, 0, 1, 0, 0, None, None)),
+        (ops.forward_composite, (x, w, bias, r, mean, invstd, False, 1e-5, True), (0, 0, None, 0, 1, 0)),
+    ]
+    for op, args, dims in cases:
+        in_dims = dims + (None,) * (len(args) - len(dims))
+        got = vmap(op, in_dims=in_dims)(*args)
+        loop = [op(*(a if d is None else a.select(d, i) for a, d in zip(args, in_dims))) for i in range(B)]
+        got = got if isinstance(got, tuple) else (got,)
+        loop = [o if isinstance(o, tuple) else (o,) for o in loop]
+        for k, g in enumerate(got):
+            if g.numel() == 0:  # an output the mask left out
+                continue
+            torch.testing.assert_close(g, torch.stack([o[k] for o in loop]), **F64, msg=lambda s: f"{op} {k}: {s}")
