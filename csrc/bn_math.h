@@ -245,33 +245,48 @@ template <class Acc> FASTBN_HD WelfordState<Acc> single_state(Acc v) {
 // Welford update of a state with one value (a merge with single_state(v)).
 template <class Acc> FASTBN_HD void welford_add(WelfordState<Acc>& s, Acc v) { s = chan_merge(s, single_state(v)); }
 
+// Balanced-tree sums of N >= 1 terms: N - 1 additions at depth ceil(log2 N), so independent
+// ones overlap (the left-to-right sum is a chain of N - 1 dependent additions); never less
+// accurate than that sum. tree_sum: t[0] + ... + t[N - 1]; tree_sum_sq: t[0]^2 + ... + t[N - 1]^2.
+template <int N, class V> FASTBN_HD V tree_sum(const V* t) {
+  if constexpr (N == 1) {
+    return t[0];
+  } else {
+    return tree_sum<N / 2>(t) + tree_sum<N - N / 2>(t + N / 2);
+  }
+}
+template <int N, class V> FASTBN_HD V tree_sum_sq(const V* t) {
+  if constexpr (N == 1) {
+    return t[0] * t[0];
+  } else if constexpr (N == 2) {
+    return madd(t[0], t[0], t[1] * t[1]);
+  } else {
+    return tree_sum_sq<N / 2>(t) + tree_sum_sq<N - N / 2>(t + N / 2);
+  }
+}
+
 // Two-pass statistics of K >= 1 values: their mean (one rounding of the sum / K), then the
 // centred squares m2 and the residual sum (v - mean), which is minus K times the mean's
 // rounding error (a caller merging in a wider type corrects with it: mean + residual / K,
-// m2 - residual^2 / K).
-template <class V> FASTBN_HD void block_stats(const V* v, int K, V& mean, V& m2, V& residual) {
-  if ((K & (K - 1)) == 0) {
+// m2 - residual^2 / K). Every sum is a tree_sum.
+template <int K, class V> FASTBN_HD void block_stats(const V* v, V& mean, V& m2, V& residual) {
+  V t[K];
+  if constexpr ((K & (K - 1)) == 0) {
     // Each value times the exact reciprocal 1 / K, then the sum: the roundings of sum / K,
     // without a division, and no overflow where the values are near the float range.
     const V inv = splat<V>(1.0 / K);
-    mean = v[0] * inv;
-    for (int i = 1; i < K; ++i) mean = madd(v[i], inv, mean);
+    for (int i = 0; i < K; ++i) t[i] = v[i] * inv;
+    mean = tree_sum<K>(t);
   } else {
-    V sum = v[0];
-    for (int i = 1; i < K; ++i) sum = sum + v[i];
-    mean = sum / splat<V>(K);
+    mean = tree_sum<K>(v) / splat<V>(K);
   }
-  m2 = splat<V>(0.0);
-  residual = splat<V>(0.0);
-  for (int i = 0; i < K; ++i) {
-    const V d = v[i] - mean;
-    residual = residual + d;
-    m2 = madd(d, d, m2);
-  }
+  for (int i = 0; i < K; ++i) t[i] = v[i] - mean;
+  residual = tree_sum<K>(t);
+  m2 = tree_sum_sq<K>(t);
 }
-template <class V> FASTBN_HD void block_stats(const V* v, int K, V& mean, V& m2) {
+template <int K, class V> FASTBN_HD void block_stats(const V* v, V& mean, V& m2) {
   V residual;
-  block_stats(v, K, mean, m2, residual);
+  block_stats<K>(v, mean, m2, residual);
 }
 
 // Statistics are accumulated over x - shift, with one shift per channel, and the mean is

@@ -22,7 +22,7 @@ PyObject* built_with_cuda(PyObject*, PyObject*) {
 }
 
 PyMethodDef methods[] = {
-    {"cpu_isa", cpu_isa, METH_NOARGS, "Instruction set of the CPU kernels in use: 'avx2' or 'base'."},
+    {"cpu_isa", cpu_isa, METH_NOARGS, "Instruction set of the CPU kernels in use: 'avx512', 'avx2' or 'base'."},
     {"built_with_cuda", built_with_cuda, METH_NOARGS, "Whether the CUDA kernels were compiled in."},
     {"cuda_launch_plan", fastbn_cuda_launch_plan, METH_VARARGS,
      "cuda_launch_plan(N, C, S, channels_last, dtype, aligned, sm_count, registers=None): the CUDA kernel "

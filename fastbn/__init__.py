@@ -24,7 +24,8 @@ register_fusers()
 
 
 def cpu_isa():
-    """Instruction set of the CPU kernels in use: ``'avx2'`` or ``'base'``."""
+    """Instruction set of the CPU kernels in use: ``'avx512'``, ``'avx2'`` or ``'base'`` (the best this CPU
+    has, capped by the environment variable ``FASTBN_CPU_ISA``)."""
     from . import _C
 
     return _C.cpu_isa()

@@ -1,6 +1,8 @@
 """Numerical quality: large offsets (no E[x^2] - E[x]^2), determinism (bitwise across runs
-and CPU thread counts), and the baseline CPU kernels against the AVX2 ones."""
+and CPU thread counts), each vector build of the CPU kernels against the baseline, and the
+non-temporal stores against plain ones."""
 import os
+from pathlib import Path
 import subprocess
 import sys
 
@@ -59,7 +61,8 @@ def test_bitwise_deterministic(device, layout):
 
 
 @pytest.mark.parametrize("shape,layout", [((8, 3, 40, 40), "contiguous"), ((8, 64, 9, 9), "contiguous"),
-                                          ((8, 6, 20, 20), "channels_last"), ((300, 24), "contiguous")])
+                                          ((8, 6, 20, 20), "channels_last"), ((300, 24), "contiguous"),
+                                          ((4, 600, 5, 5), "channels_last"), ((40, 1040), "contiguous")])
 def test_same_bits_any_thread_count(shape, layout):
     """Partial results are merged in a fixed order: 1 thread and all threads agree exactly."""
     x = make_input(shape, torch.float32, "cpu", layout)
@@ -89,36 +92,110 @@ import torch, fastbn, fastbn.functional as FF
 from fastbn.testing import acc_dtype
 torch.manual_seed(7)
 out = {"isa": fastbn.cpu_isa()}
-for dt in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+# (3, 520, 3, 3) channels-last: 520 channels make strips for 8 lanes, not for 16.
+for shape in ((4, 12, 9, 11), (3, 520, 3, 3)):
+  for dt in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
     for cl in (False, True):
-        x = (torch.randn(4, 12, 9, 11, dtype=torch.float64) * 2 + 1).to(dt)
+        x = (torch.randn(*shape, dtype=torch.float64) * 2 + 1).to(dt)
         if cl:
             x = x.to(memory_format=torch.channels_last)
         x.requires_grad_()
         r = torch.randn_like(x)
-        y = FF.batch_norm(x, None, None, torch.rand(12, dtype=acc_dtype(dt)) + .5,
+        y = FF.batch_norm(x, None, None, torch.rand(shape[1], dtype=acc_dtype(dt)) + .5,
                           None, training=True, activation="relu", residual=r)
         y.backward(torch.randn_like(y))
-        out[(str(dt), cl)] = (y.detach(), x.grad)
+        out[(shape, str(dt), cl)] = (y.detach(), x.grad)
 torch.save(out, __import__("sys").argv[1])
 """
 
 
-def test_baseline_isa_matches_avx2(tmp_path):
-    """The baseline (any x86-64) kernels give the same results as the AVX2 ones, to rounding."""
+def _cpu_flags():
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((l for l in text.splitlines() if l.startswith("flags")), "")
+    return set(line.split(":", 1)[-1].split())
+
+
+def _isa_expected(isa):
+    """The kernels FASTBN_CPU_ISA=isa must select on this CPU (the best it has, capped)."""
+    flags = _cpu_flags()
+    best = "base"
+    if {"avx2", "fma", "f16c"} <= flags:
+        best = "avx512" if {"avx512f", "avx512bw", "avx512vl"} <= flags else "avx2"
+    order = ["base", "avx2", "avx512"]
+    return order[min(order.index(isa), order.index(best))]
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_isa_matches_baseline(tmp_path, isa):
+    """Each vector build (FASTBN_CPU_ISA caps the choice) gives the baseline (any x86-64)
+    kernels' results, to rounding; skipped where this CPU lacks the instruction set."""
+    if _isa_expected(isa) != isa:
+        pytest.skip(f"this CPU has no {isa}")
     results = {}
-    for isa in ("base", "auto"):
-        path = tmp_path / f"{isa}.pt"
-        env = dict(os.environ, FASTBN_CPU_ISA=isa)
+    for name in ("base", isa):
+        path = tmp_path / f"{name}.pt"
+        env = dict(os.environ, FASTBN_CPU_ISA=name)
         subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(path)], check=True, env=env, timeout=300)
-        results[isa] = torch.load(path)
+        results[name] = torch.load(path)
     assert results["base"]["isa"] == "base"
+    assert results[isa]["isa"] == isa
     for key, val in results["base"].items():
         if key == "isa":
             continue
         y, gx = val
         dt = y.dtype
         t = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dt]
-        y2, gx2 = results["auto"][key]
+        y2, gx2 = results[isa][key]
         torch.testing.assert_close(y2, y, rtol=t, atol=t)
         torch.testing.assert_close(gx2, gx, rtol=t, atol=t * 10)
+
+
+def test_isa_choice_follows_cpu_and_cap():
+    """fastbn.cpu_isa() is the best instruction set the CPU has, capped by FASTBN_CPU_ISA."""
+    for cap in ("base", "avx2", "avx512"):
+        out = subprocess.run([sys.executable, "-c", "import fastbn; print(fastbn.cpu_isa())"], check=True,
+                             env=dict(os.environ, FASTBN_CPU_ISA=cap), capture_output=True, text=True, timeout=300)
+        assert out.stdout.strip() == _isa_expected(cap)
+
+
+_STREAM_SCRIPT = r"""
+import torch, fastbn, fastbn.functional as FF
+from fastbn.testing import acc_dtype
+torch.manual_seed(3)
+out = {}
+for shape in ((4, 32, 16, 16), (2, 48, 7, 7), (64, 96)):
+    for dt in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        for cl in (False, True) if len(shape) == 4 else (False,):
+            x = torch.randn(*shape, dtype=torch.float64).to(dt)
+            if cl:
+                x = x.to(memory_format=torch.channels_last)
+            C = shape[1]
+            w, b = torch.rand(C, dtype=acc_dtype(dt)) + .5, torch.randn(C, dtype=acc_dtype(dt))
+            rm, rv = torch.randn(C, dtype=acc_dtype(dt)), torch.rand(C, dtype=acc_dtype(dt)) + .5
+            ye = FF.batch_norm(x, rm, rv, w, b, training=False)
+            xg = x.clone().requires_grad_()
+            r = torch.randn_like(x).requires_grad_()
+            yt = FF.batch_norm(xg, None, None, w, b, training=True, activation="relu", residual=r)
+            yt.backward(torch.randn_like(yt))
+            out[(shape, str(dt), cl)] = (ye, yt.detach(), xg.grad, r.grad)
+torch.save(out, __import__("sys").argv[1])
+"""
+
+
+def test_non_temporal_stores_same_bits(tmp_path):
+    """The elementwise passes' non-temporal stores (FASTBN_CPU_STREAM=1 forces them for every
+    size; by default only outputs larger than the last-level cache stream) write exactly what
+    the plain stores write: eval and training outputs, input and residual gradients."""
+    results = {}
+    for mode in ("0", "1"):
+        path = tmp_path / f"stream{mode}.pt"
+        env = dict(os.environ, FASTBN_CPU_STREAM=mode)
+        subprocess.run([sys.executable, "-c", _STREAM_SCRIPT, str(path)], check=True, env=env, timeout=300)
+        results[mode] = torch.load(path)
+    assert results["0"].keys() == results["1"].keys() and len(results["0"]) == 20
+    for key, plain in results["0"].items():
+        for a, b in zip(plain, results["1"][key]):
+            assert torch.equal(a, b), key

@@ -141,13 +141,15 @@ def test_all_reduced_precision_module(dtype, device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
     "shape",
-    [(7, 3, 2048 + 37), (3, 2, 70, 70), (64, 1000), (5, 17, 3, 3), (2, 9, 11, 13), (1, 4, 3, 3), (300, 3)],
+    [(7, 3, 2048 + 37), (3, 2, 70, 70), (64, 1000), (5, 17, 3, 3), (2, 9, 11, 13), (1, 4, 3, 3), (300, 3),
+     (40, 1040), (3, 600, 3, 3)],
     ids=str,
 )
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_odd_sizes(shape, layout, device):
-    """Sizes that exercise vector tails, split planes and channel counts that do not divide
-    the vector width."""
+    """Sizes that exercise vector tails, split planes, channel counts that do not divide
+    the vector width, and channels-last strips (few rows of many channels; the last strip
+    narrower)."""
     if layout == "channels_last" and len(shape) != 4:
         pytest.skip("channels_last needs 4-D input")
     ref, ours = make_pair(kind_of(len(shape)), shape[1], device, torch.float32)

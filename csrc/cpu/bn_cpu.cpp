@@ -12,7 +12,11 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <numeric>
 #include <vector>
 
@@ -30,6 +34,25 @@ constexpr int64_t kBlockValues = 65536;  // values per channels-last row block, 
 constexpr int64_t kMinBlocks = 16;       // channels-last blocks, at least (when there are rows enough)
 constexpr int64_t kMaxLaneTerms = 1024;  // periods (values a vector lane sees) per row block, at most
 constexpr int64_t kTaskValues = 32768;   // values per parallel task, at least
+constexpr int64_t kStripChannels = 256;  // channels a channels-last strip (see RowBlocks)
+constexpr int64_t kStripMinRows = 128;   // rows a channels-last block, below which wide rows are cut into strips
+
+// Whether an elementwise pass writing `bytes` of outputs stores them non-temporally: when they
+// exceed the last-level cache, where they would only evict the inputs before being read back
+// from memory anyway. FASTBN_CPU_STREAM=0 or 1 turns it off or on for every size (read once;
+// to measure both ways).
+bool stream_outputs(int64_t bytes) {
+  static const int64_t llc = [] {
+    long v = sysconf(_SC_LEVEL3_CACHE_SIZE);
+    if (v <= 0) v = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return v > 0 ? static_cast<int64_t>(v) : int64_t(32) << 20;
+  }();
+  static const int forced = [] {
+    const char* env = std::getenv("FASTBN_CPU_STREAM");
+    return env == nullptr ? -1 : (std::strcmp(env, "0") == 0 ? 0 : 1);
+  }();
+  return forced >= 0 ? forced == 1 : bytes > llc;
+}
 
 bool channel_per_thread(int64_t C) {
   const int64_t nt = at::get_num_threads();
@@ -68,25 +91,56 @@ struct PlanarUnits {
   int64_t grain_units() const { return std::max<int64_t>(1, kTaskValues / std::max<int64_t>(unit_values(), 1)); }
 };
 
-// Channels-last row blocks: `rows` rows (a multiple of the pattern period) per block.
+// Channels-last tasks: row blocks of `rows` rows (a multiple of the pattern period) times
+// strips of `width` channels. One strip of all C channels, unless a block would have fewer
+// than kStripMinRows rows (wide rows, few of them) and C is a multiple of the lanes: then
+// strips of kStripChannels, so that a task's vector lanes each see more values (fewer, longer
+// accumulations and fewer partials to merge) and there are still tasks for every thread.
+// Depends on the shape only (results do not depend on threads).
 struct RowBlocks {
-  int64_t M, C, L, rows, count;
+  int64_t M, C, L, width, strips, rows, count;
+  int64_t erows, ecount;  // the elementwise passes' blocks of whole rows
   RowBlocks(const Geometry& g, int lanes) : M(g.rows()), C(g.C) {
     L = std::lcm<int64_t>(C, lanes);
-    const int64_t P = L / C;
-    // Rows per block: about kBlockValues values, at most kMaxLaneTerms periods (narrow rows
-    // still make several blocks to share among threads), few enough rows for kMinBlocks
-    // blocks, and at least one chunk of 8 periods. Depends on the shape only (results do not depend on threads).
-    int64_t target = std::min<int64_t>(std::max<int64_t>(1, kBlockValues / C), kMaxLaneTerms * P);
-    target = std::min<int64_t>(target, (M + kMinBlocks - 1) / kMinBlocks);
-    target = std::max<int64_t>(target, 8 * P);
-    rows = ((target + P - 1) / P) * P;
+    width = C;
+    strips = 1;
+    rows = erows = rows_for(L / C, kMinBlocks);
+    ecount = (M + erows - 1) / erows;
+    if (L == C && C > kStripChannels && rows < kStripMinRows) {
+      width = kStripChannels;  // a multiple of every lane count: a strip's pattern is its channels
+      strips = (C + width - 1) / width;
+      rows = rows_for(1, (kMinBlocks + strips - 1) / strips);
+    }
     count = (M + rows - 1) / rows;
   }
-  int64_t rows_of(int64_t b) const { return std::min(rows, M - b * rows); }
-  int64_t offset(int64_t b) const { return b * rows * C; }
-  int64_t grain_blocks() const { return std::max<int64_t>(1, kTaskValues / std::max<int64_t>(rows * C, 1)); }
-  // Replicates a [C] vector to pattern length L.
+  // Rows per block: about kBlockValues values a task, at most kMaxLaneTerms periods, few enough
+  // rows for `blocks` blocks, and at least one chunk of 8 periods (P rows a period).
+  int64_t rows_for(int64_t P, int64_t blocks) const {
+    int64_t target = std::min<int64_t>(std::max<int64_t>(1, kBlockValues / width), kMaxLaneTerms * P);
+    target = std::min<int64_t>(target, (M + blocks - 1) / blocks);
+    target = std::max<int64_t>(target, 8 * P);
+    return ((target + P - 1) / P) * P;
+  }
+  // Reduction tasks (statistics, backward sums): every (block, strip).
+  int64_t tasks() const { return count * strips; }
+  int64_t block_of(int64_t t) const { return t / strips; }
+  int64_t first_channel(int64_t t) const { return (t % strips) * width; }
+  // Task t's block: its rows of its strip's channels (a strip's C is a multiple of the lanes,
+  // so its pattern length is its width).
+  Rows rows_of(int64_t t) const {
+    const int64_t b = block_of(t), w = std::min(width, C - first_channel(t));
+    return Rows{std::min(rows, M - b * rows), w, strips > 1 ? w : L, C};
+  }
+  int64_t offset(int64_t t) const { return block_of(t) * rows * C + first_channel(t); }
+  // Where task t's per-channel partials go in a [count, C] array.
+  int64_t partial(int64_t t) const { return block_of(t) * C + first_channel(t); }
+  int64_t grain_tasks() const { return std::max<int64_t>(1, kTaskValues / std::max<int64_t>(rows * width, 1)); }
+  // Elementwise passes need no per-channel order: ecount blocks of erows whole rows
+  // (contiguous), block b at offset b * erows * C.
+  Rows block(int64_t b) const { return Rows{std::min(erows, M - b * erows), C, L, C}; }
+  int64_t grain_blocks() const { return std::max<int64_t>(1, kTaskValues / std::max<int64_t>(erows * C, 1)); }
+  // Replicates a [C] vector to pattern length L (strips have L == C: a strip's pattern is the
+  // vector from its first channel on).
   template <class Acc> std::vector<Acc> pattern(const std::vector<Acc>& v) const {
     std::vector<Acc> p(L);
     for (int64_t q = 0; q < L; q += C) std::copy(v.begin(), v.end(), p.begin() + q);
@@ -137,6 +191,8 @@ template <class T> struct PlanarDriver {
   Geometry G;
   PlanarUnits U;
   explicit PlanarDriver(const Geometry& g) : G(g), U(g) {}
+  // Non-temporal stores for a pass writing n outputs shaped like x (stream_outputs).
+  bool stream(int n) const { return stream_outputs(n * G.numel() * int64_t(sizeof(T))); }
 
   // Channel c's shift (stats_shift of its first values, from plane (0, c) on).
   Fold shift(const T* x, int64_t c) const {
@@ -171,43 +227,57 @@ template <class T> struct PlanarDriver {
     const int64_t C = U.C, n = U.per_channel;
     std::vector<WelfordState<Fold>> parts(C * n), out(C);
     std::vector<Fold> shifts(C);
-    for (int64_t c = 0; c < C; ++c) shifts[c] = shift(x, c);
+    const int64_t cgrain = std::max<int64_t>(1, kTaskValues / std::max<int64_t>(64 * n, 1));
+    at::parallel_for(0, C, cgrain, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) shifts[c] = shift(x, c);
+    });
     at::parallel_for(0, C * n, U.grain_units(), [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) parts[i] = unit_stats(x, i / n, i % n, shifts[i / n]);
     });
-    for (int64_t c = 0; c < C; ++c) {
-      WelfordState<Fold> st{0, 0.0, 0.0};
-      for (int64_t u = 0; u < n; ++u) st = chan_merge(st, parts[c * n + u]);
-      check_finite(st, x, G, c, shifts[c]);
-      add_shift(st, shifts[c]);
-      out[c] = st;
-    }
+    at::parallel_for(0, C, cgrain, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        WelfordState<Fold> st{0, 0.0, 0.0};
+        for (int64_t u = 0; u < n; ++u) st = chan_merge(st, parts[c * n + u]);
+        check_finite(st, x, G, c, shifts[c]);
+        add_shift(st, shifts[c]);
+        out[c] = st;
+      }
+    });
     return out;
   }
 
   // Elementwise passes need no per-channel order: walk (n, c) planes in memory order
-  // (streaming, prefetcher-friendly); f(c, offset, run) for each plane.
+  // (streaming, prefetcher-friendly), each task a range of consecutive planes:
+  // f(first plane's channel, its offset, number of planes).
   template <class F> void for_all_planes(F&& f) const {
     const int64_t planes = U.N * U.C;
     const int64_t grain = std::max<int64_t>(1, kTaskValues / std::max<int64_t>(U.S, 1));
-    at::parallel_for(0, planes, grain, [&](int64_t b, int64_t e) {
-      for (int64_t p = b; p < e; ++p) f(p % U.C, p * U.S, Run{1, U.S, 0});
-    });
+    at::parallel_for(0, planes, grain, [&](int64_t b, int64_t e) { f(b % U.C, b * U.S, e - b); });
   }
 
-  // y over every plane; k(c) gives channel c's forward coefficients.
+  // y over every plane; k(c) gives channel c's forward coefficients (evaluated once a channel).
   template <class FK> void affine_planes(const T* x, T* y, const T* r, bool relu, FK&& k) const {
-    for_all_planes([&](int64_t c, int64_t off, Run run) {
-      K.run_affine(x + off, y + off, run, k(c), r ? r + off : nullptr, relu);
+    std::vector<FwdCoef<Acc>> kc(U.C);
+    for (int64_t c = 0; c < U.C; ++c) kc[c] = k(c);
+    for_all_planes([&](int64_t c0, int64_t off, int64_t n) {
+      K.planes_affine(x + off, y + off, n, U.S, c0, U.C, kc.data(), r ? r + off : nullptr, relu, stream(1));
     });
   }
 
-  // dx / dr over every plane; g(c) and k(c) give channel c's backward and forward coefficients.
+  // dx / dr over every plane; g(c) and k(c) give channel c's backward and forward coefficients
+  // (evaluated once a channel).
   template <class FG, class FK>
   void grad_planes(const T* dy, const T* x, const T* r, bool relu, T* dx, T* dr, FG&& g, FK&& k) const {
-    for_all_planes([&](int64_t c, int64_t off, Run run) {
-      K.run_grad_input(dy + off, x + off, run, g(c), k(c), r ? r + off : nullptr, relu, dx ? dx + off : nullptr,
-                       dr ? dr + off : nullptr);
+    std::vector<FwdCoef<Acc>> kc(U.C);
+    std::vector<BwdCoef<Acc>> gc(U.C);
+    for (int64_t c = 0; c < U.C; ++c) {
+      kc[c] = k(c);
+      gc[c] = g(c);
+    }
+    for_all_planes([&](int64_t c0, int64_t off, int64_t n) {
+      K.planes_grad_input(dy + off, x + off, n, U.S, c0, U.C, gc.data(), kc.data(), r ? r + off : nullptr, relu,
+                          stream((dx != nullptr) + (dr != nullptr)),
+                          dx ? dx + off : nullptr, dr ? dr + off : nullptr);
     });
   }
 
@@ -342,31 +412,56 @@ template <class T> struct RowsDriver {
   // Channels per task when folding the block partials: threads only for large folds.
   int64_t fold_grain() const { return std::max<int64_t>(256, 4 * kTaskValues / std::max<int64_t>(B.count, 1)); }
 
-  template <class F> void for_all_blocks(F&& f) const {
-    at::parallel_for(0, B.count, B.grain_blocks(), [&](int64_t b, int64_t e) {
+  // f(t, rows, scratch) for every task t (B.tasks()); rows: its block.
+  template <class F> void for_all_tasks(F&& f) const {
+    at::parallel_for(0, B.tasks(), B.grain_tasks(), [&](int64_t b, int64_t e) {
       // rows_stats needs 2 * L doubles + 3 * L Acc, rows_grad_sums 6 * L doubles.
       std::vector<Fold> scratch(6 * B.L);
-      for (int64_t i = b; i < e; ++i) f(i, scratch.data());
+      for (int64_t t = b; t < e; ++t) f(t, B.rows_of(t), scratch.data());
+    });
+  }
+
+  // f(offset, rows) for every elementwise block (whole rows).
+  template <class F> void for_all_blocks(F&& f) const {
+    at::parallel_for(0, B.ecount, B.grain_blocks(), [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) f(i * B.erows * B.C, B.block(i));
     });
   }
 
   // Per-channel Welford states, block partials folded in block order.
   std::vector<WelfordState<Fold>> stats(const T* x) const {
     const int64_t C = B.C;
-    std::vector<Fold> shift(C);  // stats_shift of each channel's first values (rows 0, 1, ...)
-    for (int64_t c = 0; c < C; ++c) shift[c] = stats_shift<Fold>(B.M, [&](int j) { return to_acc(x[j * C + c]); });
+    // stats_shift of each channel's first values (rows 0, 1, ...), kShiftGroup channels at a
+    // time along the rows (stats_shifts: the same bits as one channel at a time).
+    constexpr int kShiftGroup = 4;
+    std::vector<Fold> shift(C);
+    const int64_t groups = C / kShiftGroup;
+    at::parallel_for(0, groups + 1, 16, [&](int64_t g0, int64_t g1) {
+      for (int64_t g = g0; g < g1; ++g) {
+        const int64_t c0 = g * kShiftGroup;
+        if (g < groups) {
+          Fold sh[kShiftGroup];
+          stats_shifts<kShiftGroup>(B.M, [&](int j, Fold (&v)[kShiftGroup]) {
+            for (int l = 0; l < kShiftGroup; ++l) v[l] = to_acc(x[j * C + c0 + l]);
+          }, sh);
+          std::copy(sh, sh + kShiftGroup, shift.begin() + c0);
+        } else {
+          for (int64_t c = c0; c < C; ++c) shift[c] = stats_shift<Fold>(B.M, [&](int j) { return to_acc(x[j * C + c]); });
+        }
+      }
+    });
     const std::vector<Fold> shift_pattern = B.pattern(shift);
     std::vector<Fold> pm(B.count * C), pm2(B.count * C);
-    for_all_blocks([&](int64_t b, Fold* scratch) {
-      K.rows_stats(x + B.offset(b), B.rows_of(b), C, B.L, shift_pattern.data(), &pm[b * C], &pm2[b * C],
-                   scratch);
+    for_all_tasks([&](int64_t t, Rows rows, Fold* scratch) {
+      const int64_t c0 = B.first_channel(t);
+      K.rows_stats(x + B.offset(t), rows, shift_pattern.data() + c0, &pm[B.partial(t)], &pm2[B.partial(t)], scratch);
     });
     // Chan merge of the blocks in block order; all channels of a block share its count, so
     // the merge weights are computed once per block.
     at::parallel_for(0, C, fold_grain(), [&](int64_t c0, int64_t c1) {
-      int64_t n = B.rows_of(0);
+      int64_t n = B.rows_of(0).rows;
       for (int64_t b = 1; b < B.count; ++b) {
-        const int64_t nb = B.rows_of(b);
+        const int64_t nb = B.rows_of(b * B.strips).rows;
         const ChanWeights<Fold> w = chan_weights<Fold>(n, nb);
         for (int64_t c = c0; c < c1; ++c) chan_absorb(pm[c], pm2[c], pm[b * C + c], pm2[b * C + c], w);
         n += nb;
@@ -399,10 +494,9 @@ template <class T> struct RowsDriver {
     const T* x = cptr<T>(o.x);
     const T* r = cptr<T>(o.residual);
     T* yp = mptr<T>(y);
-    for_all_blocks([&](int64_t b, Fold*) {
-      const int64_t off = B.offset(b);
-      K.rows_affine(x + off, yp + off, B.rows_of(b), B.C, B.L, p.mean.data(), p.a.data(), p.b.data(),
-                    r ? r + off : nullptr, o.relu);
+    for_all_blocks([&](int64_t off, Rows rows) {
+      K.rows_affine(x + off, yp + off, rows, p.mean.data(), p.a.data(), p.b.data(), r ? r + off : nullptr, o.relu,
+                    stream_outputs(G.numel() * int64_t(sizeof(T))));
     });
   }
 
@@ -426,10 +520,10 @@ template <class T> struct RowsDriver {
     const T* r = cptr<T>(o.residual);
     const int64_t C = B.C;
     std::vector<Fold> p1(B.count * C), p2(B.count * C);
-    for_all_blocks([&](int64_t b, Fold* scratch) {
-      const int64_t off = B.offset(b);
-      K.rows_grad_sums(dy + off, x + off, B.rows_of(b), C, B.L, p.mean.data(), p.a.data(), p.b.data(),
-                       r ? r + off : nullptr, o.relu, &p1[b * C], &p2[b * C], scratch);
+    for_all_tasks([&](int64_t t, Rows rows, Fold* scratch) {
+      const int64_t off = B.offset(t), c0 = B.first_channel(t);
+      K.rows_grad_sums(dy + off, x + off, rows, p.mean.data() + c0, p.a.data() + c0, p.b.data() + c0,
+                       r ? r + off : nullptr, o.relu, &p1[B.partial(t)], &p2[B.partial(t)], scratch);
     });
     at::parallel_for(0, C, fold_grain(), [&](int64_t c0, int64_t c1) {
       std::vector<Fold> a(p1.begin() + c0, p1.begin() + c1), s(p2.begin() + c0, p2.begin() + c1);
@@ -459,11 +553,11 @@ template <class T> struct RowsDriver {
       centred = g.centred;
     }
     const auto pA = B.pattern(A), pB = B.pattern(Bm), pD = B.pattern(D);
-    for_all_blocks([&](int64_t b, Fold*) {
-      const int64_t off = B.offset(b);
-      K.rows_grad_input(dy + off, x + off, B.rows_of(b), B.C, B.L, p.mean.data(), pA.data(), pB.data(), pD.data(),
-                        centred, p.a.data(), p.b.data(), r ? r + off : nullptr, o.relu, dx ? dx + off : nullptr,
-                        dr ? dr + off : nullptr);
+    for_all_blocks([&](int64_t off, Rows rows) {
+      K.rows_grad_input(dy + off, x + off, rows, p.mean.data(), pA.data(), pB.data(), pD.data(), centred, p.a.data(),
+                        p.b.data(), r ? r + off : nullptr, o.relu,
+                        stream_outputs(((dx != nullptr) + (dr != nullptr)) * G.numel() * int64_t(sizeof(T))),
+                        dx ? dx + off : nullptr, dr ? dr + off : nullptr);
     });
   }
 

@@ -15,6 +15,7 @@
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 #define FASTBN_CPU_AVX2 1
+#define FASTBN_CPU_AVX512 0
 namespace fastbn {
 namespace cpu {
 namespace isa_avx2 {

@@ -6,6 +6,7 @@
 #include "kernels.h"
 
 #define FASTBN_CPU_AVX2 0
+#define FASTBN_CPU_AVX512 0
 namespace fastbn {
 namespace cpu {
 namespace isa_base {

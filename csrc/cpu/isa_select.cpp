@@ -8,28 +8,48 @@ namespace fastbn {
 namespace cpu {
 
 namespace {
-bool use_avx2() {
-  static const bool yes = [] {
-    const char* env = std::getenv("FASTBN_CPU_ISA");
-    if (env != nullptr && std::strcmp(env, "base") == 0) return false;
+enum class Isa { base, avx2, avx512 };
+
+// The best instruction set this CPU has, capped by FASTBN_CPU_ISA (base, avx2, avx512).
+Isa isa() {
+  static const Isa chosen = [] {
+    Isa best = Isa::base;
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-#else
-    return false;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
+      const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl");
+      best = avx512 ? Isa::avx512 : Isa::avx2;
+    }
 #endif
+    const char* env = std::getenv("FASTBN_CPU_ISA");
+    if (env != nullptr && std::strcmp(env, "base") == 0) return Isa::base;
+    if (env != nullptr && std::strcmp(env, "avx2") == 0 && best == Isa::avx512) return Isa::avx2;
+    return best;
   }();
-  return yes;
+  return chosen;
 }
 }  // namespace
 
-template <class T> const Kernels<T>& kernels() { return use_avx2() ? avx2_kernels<T>() : base_kernels<T>(); }
+template <class T> const Kernels<T>& kernels() {
+  switch (isa()) {
+    case Isa::avx512: return avx512_kernels<T>();
+    case Isa::avx2: return avx2_kernels<T>();
+    default: return base_kernels<T>();
+  }
+}
 template const Kernels<float>& kernels<float>();
 template const Kernels<double>& kernels<double>();
 template const Kernels<f16>& kernels<f16>();
 template const Kernels<bf16>& kernels<bf16>();
 
-const char* isa_name() { return use_avx2() ? "avx2" : "base"; }
+const char* isa_name() {
+  switch (isa()) {
+    case Isa::avx512: return "avx512";
+    case Isa::avx2: return "avx2";
+    default: return "base";
+  }
+}
 
 }  // namespace cpu
 }  // namespace fastbn

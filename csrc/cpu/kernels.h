@@ -1,5 +1,5 @@
 // Table of the single-threaded CPU kernels for one storage type, picked at run time for the
-// best instruction set this CPU has (AVX2+FMA+F16C, else baseline x86-64). Torch-free; the
+// best instruction set this CPU has (AVX-512, AVX2+FMA+F16C, else baseline x86-64). Torch-free; the
 // threading driver (bn_cpu.cpp) calls through it. Shapes and contracts: kernels_impl.h.
 #pragma once
 #include <cstdint>
@@ -14,6 +14,15 @@ struct Run {
   int64_t nseg, len, stride;
 };
 
+// Channels-last block: `rows` rows of C channel values, row r starting r * ld values after
+// row 0 (ld == C: the tensor's rows; ld > C: a strip of C channels of wider rows, then
+// C == L); L = lcm(C, lanes) is the pattern length, P = L / C rows a period.
+struct Rows {
+  int64_t rows, C, L, ld;
+  int64_t periods() const { return rows / (L / C); }
+  int64_t period_stride() const { return (L / C) * ld; }
+};
+
 template <class T> struct Kernels {
   using Acc = acc_t<T>;
   int lanes;  // values per vector; row patterns have length lcm(C, lanes)
@@ -26,27 +35,36 @@ template <class T> struct Kernels {
                         double& sum_dy_xmu);
   void (*run_grad_input)(const T* dy, const T* x, Run run, BwdCoef<Acc> g, FwdCoef<Acc> k, const T* r, bool relu,
                          T* dx, T* dr);
+  // Elementwise passes over `planes` consecutive planes of S values, the first of channel c0
+  // (plane j of channel (c0 + j) % C); k, g: per-channel coefficients [C]. These and the row
+  // passes take `stream`: non-temporal stores of the outputs (bn_cpu.cpp stream_outputs).
+  void (*planes_affine)(const T* x, T* y, int64_t planes, int64_t S, int64_t c0, int64_t C, const FwdCoef<Acc>* k,
+                        const T* r, bool relu, bool stream);
+  void (*planes_grad_input)(const T* dy, const T* x, int64_t planes, int64_t S, int64_t c0, int64_t C,
+                            const BwdCoef<Acc>* g, const FwdCoef<Acc>* k, const T* r, bool relu, bool stream, T* dx,
+                            T* dr);
   // scratch: 2 * L doubles + 3 * L Acc (rows_stats), 6 * L doubles (rows_grad_sums).
-  void (*rows_stats)(const T* x, int64_t rows, int64_t C, int64_t L, const double* shift, double* mean, double* m2,
+  void (*rows_stats)(const T* x, Rows R, const double* shift, double* mean, double* m2,
                      double* scratch);
-  void (*rows_affine)(const T* x, T* y, int64_t rows, int64_t C, int64_t L, const Acc* mean, const Acc* a,
-                      const Acc* b, const T* r, bool relu);
-  void (*rows_grad_sums)(const T* dy, const T* x, int64_t rows, int64_t C, int64_t L, const Acc* mean, const Acc* a,
+  void (*rows_affine)(const T* x, T* y, Rows R, const Acc* mean, const Acc* a, const Acc* b, const T* r, bool relu,
+                      bool stream);
+  void (*rows_grad_sums)(const T* dy, const T* x, Rows R, const Acc* mean, const Acc* a,
                          const Acc* b, const T* r, bool relu, double* sum_dy, double* sum_dy_xmu, double* scratch);
-  void (*rows_grad_input)(const T* dy, const T* x, int64_t rows, int64_t C, int64_t L, const Acc* mean, const Acc* A,
-                          const Acc* Bm, const Acc* D, bool centred, const Acc* a, const Acc* b, const T* r,
-                          bool relu, T* dx,
-                          T* dr);
+  void (*rows_grad_input)(const T* dy, const T* x, Rows R, const Acc* mean, const Acc* A, const Acc* Bm,
+                          const Acc* D, bool centred, const Acc* a, const Acc* b, const T* r, bool relu, bool stream,
+                          T* dx, T* dr);
 };
 
-// Defined in isa_base.cpp / isa_avx2.cpp for T = float, double, f16, bf16.
+// Defined in isa_base.cpp / isa_avx2.cpp / isa_avx512.cpp for T = float, double, f16, bf16.
 template <class T> const Kernels<T>& base_kernels();
 template <class T> const Kernels<T>& avx2_kernels();
+template <class T> const Kernels<T>& avx512_kernels();
 
-// The table for this CPU (AVX2 when the CPU has AVX2, FMA and F16C, unless the environment
-// variable FASTBN_CPU_ISA=base asks for the baseline).
+// The table for this CPU: the best of AVX-512 (AVX-512F/BW/VL with AVX2, FMA, F16C), AVX2 (AVX2,
+// FMA, F16C) and the baseline it has, capped by the environment variable FASTBN_CPU_ISA
+// (base, avx2 or avx512; read once).
 template <class T> const Kernels<T>& kernels();
-const char* isa_name();
+const char* isa_name();  // "avx512", "avx2" or "base"
 
 }  // namespace cpu
 }  // namespace fastbn

@@ -6,11 +6,12 @@
 // Two memory shapes:
 //  run   : values of ONE channel (planar layout): `nseg` segments of `len` contiguous values,
 //          `stride` apart (see Run in kernels.h)
-//  rows  : `rows` rows of `C` contiguous channel values (channels-last layout). The row
-//          kernels walk the block flat, in periods of L = lcm(C, W) values (P = L / C rows),
-//          so every vector lane keeps one channel whatever C is. Per-channel inputs arrive
-//          replicated to length L ("patterns", RowBlocks::pattern in bn_cpu.cpp); `rows` % P rows at the end
-//          are handled one value at a time.
+//  rows  : `rows` rows of `C` channel values (channels-last layout; Rows in kernels.h: the
+//          tensor's rows, or a strip of channels of them). The row kernels walk the block in
+//          periods of L = lcm(C, W) values (P = L / C contiguous rows; a strip has P = 1), so
+//          every vector lane keeps one channel whatever C is. Per-channel inputs arrive
+//          replicated to length L ("patterns", RowBlocks::pattern in bn_cpu.cpp); `rows` % P
+//          rows at the end are handled one value at a time.
 //
 // Statistics and backward sums: short runs of values in the accumulation type acc_t<T>, merged
 // in double (Stat) whatever the storage type (PyTorch's CPU kernels accumulate in double);
@@ -37,17 +38,26 @@ using SVec = Vec<Stat>;
 constexpr int kChunk = 8;
 constexpr int kBlockChunks = 16;
 
+// Calls f(std::integral_constant<int, k>{}) for a run-time k, 1 <= k <= N: loop bodies
+// compiled for each count.
+template <int N, class F> inline __attribute__((always_inline)) void with_count(int k, F&& f) {
+  if constexpr (N > 1) {
+    if (k < N) return with_count<N - 1>(k, f);
+  }
+  f(std::integral_constant<int, N>{});
+}
+
 template <class Acc> struct LaneWelford {
   using V = Vec<Acc>;
   static constexpr int H = V::W / SVec::W;  // double vectors per V
 
   // A chunk of K vectors into the block (s, bmean, bm2) of bn values a lane (bn == 0: the
   // chunk starts the block and sets s).
-  static void chunk_into_block(V& s, V& bmean, V& bm2, int64_t bn, const V* v, int K) {
+  template <int K> static void chunk_into_block(V& s, V& bmean, V& bm2, int64_t bn, const V* v) {
     V cmean, cm2;
     if (bn == 0) {
       V r;
-      block_stats(v, K, cmean, cm2, r);
+      block_stats<K>(v, cmean, cm2, r);
       // A non-finite chunk leaves s, t and so the block non-finite, which is all that is
       // needed: the driver recomputes such channels (exact_channel).
       s = cmean;
@@ -56,10 +66,14 @@ template <class Acc> struct LaneWelford {
       bm2 = madd(V::zero() - t, r, cm2);  // corrected two-pass: m2 - r^2 / K
       return;
     }
-    V d[kChunk];
+    V d[K];
     for (int j = 0; j < K; ++j) d[j] = v[j] - s;
-    block_stats(d, K, cmean, cm2);
+    block_stats<K>(d, cmean, cm2);
     chan_absorb<false>(bmean, bm2, cmean, cm2, chan_weights<Acc>(bn, K));  // non-finite: exact_channel
+  }
+  // The same for a run-time K, 1 <= K <= kChunk.
+  static void chunk_into_block(V& s, V& bmean, V& bm2, int64_t bn, const V* v, int K) {
+    with_count<kChunk>(K, [&](auto k) { chunk_into_block<decltype(k)::value>(s, bmean, bm2, bn, v); });
   }
 
   // A block (s, bmean, bm2) of bn values a lane into the double state (mean, m2) of n values
@@ -96,18 +110,29 @@ template <class Acc> struct LaneWelford {
     bn = 0;
     chunks = 0;
   }
-  // Chan merge of all lanes (equal counts) into one state.
+  // Chan merge of all lanes into one state: every lane holds n values, so the lanes merge in
+  // pairs, level by level, each level with one set of weights (no division per lane).
   WelfordState<Stat> reduce(const SVec* shift) {
     flush(shift);
-    WelfordState<Stat> out{0, 0.0, 0.0};
-    if (n == 0) return out;
-    for (int h = 0; h < H; ++h) {
-      Stat lm[SVec::W], lm2[SVec::W];
-      mean[h].lanes(lm);
-      m2[h].lanes(lm2);
-      for (int i = 0; i < SVec::W; ++i) out = chan_merge(out, WelfordState<Stat>{n, lm[i], lm2[i]});
+    if (n == 0) return WelfordState<Stat>{0, 0.0, 0.0};
+    SVec vm = mean[0], vm2 = m2[0];
+    int64_t count = n;
+    for (int h = 1; h < H; ++h) {  // H is 1 or 2
+      chan_absorb(vm, vm2, mean[h], m2[h], chan_weights<Stat>(count, count));
+      count *= 2;
     }
-    return out;
+    Stat lm[SVec::W], lm2[SVec::W];
+    vm.lanes(lm);
+    vm2.lanes(lm2);
+    for (int width = SVec::W; width > 1; width /= 2, count *= 2) {
+      const ChanWeights<Stat> w = chan_weights<Stat>(count, count);
+      for (int i = 0; i < width / 2; ++i) {
+        chan_absorb(lm[2 * i], lm2[2 * i], lm[2 * i + 1], lm2[2 * i + 1], w);
+        lm[i] = lm[2 * i];
+        lm2[i] = lm2[2 * i];
+      }
+    }
+    return WelfordState<Stat>{count, lm[0], lm2[0]};
   }
 };
 
@@ -117,6 +142,20 @@ WelfordState<Stat> run_stats(const T* x, Run run, Stat shift) {
   using Acc = acc_t<T>;
   using V = Vec<Acc>;
   constexpr int W = V::W;
+  // Segments that do not end on whole vectors and fit in kPack values (small planes) are
+  // first packed end to end, widened to Acc, so that every chunk is whole.
+  constexpr int64_t kPack = 2048;
+  if (run.nseg > 1 && run.len % W != 0 && run.nseg * run.len <= kPack) {
+    Acc packed[kPack];
+    Acc* q = packed;
+    for (int64_t k = 0; k < run.nseg; ++k, q += run.len) {
+      const T* p = x + k * run.stride;
+      int64_t i = 0;
+      for (; i + W <= run.len; i += W) V::load(p + i).store(q + i);
+      for (; i < run.len; ++i) q[i] = to_acc(p[i]);
+    }
+    return run_stats<Acc>(packed, Run{1, run.nseg * run.len, 0}, shift);
+  }
   SVec vs[LaneWelford<Acc>::H];
   for (auto& h : vs) h = SVec::set1(shift);
   const int64_t len = run.len;
@@ -148,8 +187,15 @@ WelfordState<Stat> run_stats(const T* x, Run run, Stat shift) {
       }
     }
   }
+  // The last ng < W values: their two-pass statistics in double (one division, not one a
+  // value), merged last.
   WelfordState<Stat> tail{0, 0.0, 0.0};
-  for (int j = 0; j < ng; ++j) welford_add(tail, static_cast<Stat>(gathered[j]) - shift);
+  if (ng > 0) {
+    Stat d[W];
+    for (int j = 0; j < ng; ++j) d[j] = static_cast<Stat>(gathered[j]) - shift;
+    tail.n = ng;
+    with_count<W>(ng, [&](auto k) { block_stats<decltype(k)::value>(d, tail.mean, tail.m2); });
+  }
   return chan_merge(lanes.reduce(vs), tail);
 }
 
@@ -169,9 +215,10 @@ template <class F> inline void with_flags(bool a, bool b, F&& f) {
   }
 }
 
-// y = act((x - mean) * a + b [+ r]), one channel. y and r are laid out like x.
+// y = act((x - mean) * a + b [+ r]), one channel. y and r are laid out like x. `stream`:
+// non-temporal stores where aligned (put); the caller fences (planes_affine).
 template <class T>
-void run_affine(const T* x, T* y, Run run, FwdCoef<acc_t<T>> k, const T* r, bool relu) {
+void affine_values(const T* x, T* y, Run run, FwdCoef<acc_t<T>> k, const T* r, bool relu, bool stream) {
   using Acc = acc_t<T>;
   using V = Vec<Acc>;
   constexpr int W = V::W;
@@ -184,13 +231,16 @@ void run_affine(const T* x, T* y, Run run, FwdCoef<acc_t<T>> k, const T* r, bool
     const T* rs = r ? r + o : nullptr;
     int64_t i = 0;
     if (rs == nullptr && !relu) {  // the common case, without the per-vector flag tests
-      for (; i + W <= len; i += W) forward_value(V::load(xs + i), kv, V::zero(), false, false).store(ys + i);
+      for (; i + W <= len; i += W) put(forward_value(V::load(xs + i), kv, V::zero(), false, false), ys + i, stream);
     } else {
       for (; i + W <= len; i += W)
-        forward_value(V::load(xs + i), kv, load_or_zero<V>(rs, i), rs != nullptr, relu).store(ys + i);
+        put(forward_value(V::load(xs + i), kv, load_or_zero<V>(rs, i), rs != nullptr, relu), ys + i, stream);
     }
-    for (; i < len; ++i)
-      ys[i] = from_acc<T>(forward_value(to_acc(xs[i]), k, value_or_zero<Acc>(rs, i), rs != nullptr, relu));
+    if (i < len) {  // the last len - i < W values: one partial vector
+      const int n = static_cast<int>(len - i);
+      forward_value(V::load_part(xs + i, n), kv, rs ? V::load_part(rs + i, n) : V::zero(), rs != nullptr, relu)
+          .store_part(ys + i, n);
+    }
   }
 }
 
@@ -259,9 +309,10 @@ void run_grad_sums(const T* dy, const T* x, Run run, FwdCoef<acc_t<T>> k, const 
   sum_dy_xmu = sdx + hsum(pair_total<Acc>(B_lo, B_hi));
 }
 
-// dx = grad_input(dy_eff) (when dx != null); dr = dy_eff (when dr != null).
+// dx = grad_input(dy_eff) (when dx != null); dr = dy_eff (when dr != null). `stream`: as
+// affine_values.
 template <class T>
-void run_grad_input(const T* dy, const T* x, Run run, BwdCoef<acc_t<T>> g, FwdCoef<acc_t<T>> k, const T* r,
+void grad_values(const T* dy, const T* x, Run run, BwdCoef<acc_t<T>> g, FwdCoef<acc_t<T>> k, const T* r, bool stream,
                     bool relu, T* dx, T* dr) {
   using Acc = acc_t<T>;
   using V = Vec<Acc>;
@@ -285,17 +336,54 @@ void run_grad_input(const T* dy, const T* x, Run run, BwdCoef<acc_t<T>> g, FwdCo
       for (; i + W <= len; i += W) {
         const V xv = V::load(xs + i);
         const V d = effective_dy(V::load(gp + i), xv, kv, load_or_zero<V>(rs, i), has_r, kRelu);
-        if (drs) d.store(drs + i);
-        if (dxs) grad_input(d, xv, gv).store(dxs + i);
+        if (drs) put(d, drs + i, stream);
+        if (dxs) put(grad_input(d, xv, gv), dxs + i, stream);
       }
-      for (; i < len; ++i) {
-        const Acc xv = to_acc(xs[i]);
-        const Acc d = effective_dy(to_acc(gp[i]), xv, k, value_or_zero<Acc>(rs, i), has_r, kRelu);
-        if (drs) drs[i] = from_acc<T>(d);
-        if (dxs) dxs[i] = from_acc<T>(grad_input(d, xv, gs));
+      if (i < len) {  // the last len - i < W values: one partial vector
+        const int n = static_cast<int>(len - i);
+        const V xv = V::load_part(xs + i, n);
+        const V d = effective_dy(V::load_part(gp + i, n), xv, kv, has_r ? V::load_part(rs + i, n) : V::zero(), has_r,
+                                 kRelu);
+        if (drs) d.store_part(drs + i, n);
+        if (dxs) grad_input(d, xv, gv).store_part(dxs + i, n);
       }
     }
   });
+}
+
+// The table's one-run entries (the outputs stored plainly: the fused per-channel passes write
+// them while the channel's inputs are still in cache, where non-temporal stores measured slower).
+template <class T> void run_affine(const T* x, T* y, Run run, FwdCoef<acc_t<T>> k, const T* r, bool relu) {
+  affine_values(x, y, run, k, r, relu, false);
+}
+template <class T>
+void run_grad_input(const T* dy, const T* x, Run run, BwdCoef<acc_t<T>> g, FwdCoef<acc_t<T>> k, const T* r, bool relu,
+                    T* dx, T* dr) {
+  grad_values(dy, x, run, g, k, r, false, relu, dx, dr);
+}
+
+// The elementwise passes over `planes` consecutive planes of S values (the planar layout's
+// (n, c) planes in memory order), the first of channel c0 of C: plane j has channel
+// (c0 + j) % C and that channel's coefficients k[c] (g[c]); one call for many small planes.
+template <class T>
+void planes_affine(const T* x, T* y, int64_t planes, int64_t S, int64_t c0, int64_t C, const FwdCoef<acc_t<T>>* k,
+                   const T* r, bool relu, bool stream) {
+  for (int64_t j = 0, c = c0; j < planes; ++j, c = c + 1 == C ? 0 : c + 1) {
+    const int64_t o = j * S;
+    affine_values(x + o, y + o, Run{1, S, 0}, k[c], r ? r + o : nullptr, relu, stream);
+  }
+  if (stream) stream_fence();
+}
+template <class T>
+void planes_grad_input(const T* dy, const T* x, int64_t planes, int64_t S, int64_t c0, int64_t C,
+                       const BwdCoef<acc_t<T>>* g, const FwdCoef<acc_t<T>>* k, const T* r, bool relu, bool stream, T* dx,
+                       T* dr) {
+  for (int64_t j = 0, c = c0; j < planes; ++j, c = c + 1 == C ? 0 : c + 1) {
+    const int64_t o = j * S;
+    grad_values(dy + o, x + o, Run{1, S, 0}, g[c], k[c], r ? r + o : nullptr, stream, relu, dx ? dx + o : nullptr,
+                dr ? dr + o : nullptr);
+  }
+  if (stream) stream_fence();
 }
 
 // ------------------------------------------------------------------ rows (channels last)
@@ -320,22 +408,20 @@ constexpr int64_t kTile = 8192;
 // periods; positions of the same channel are merged at the end. scratch: 2 * L doubles
 // followed by 3 * L Acc.
 template <class T>
-void rows_stats(const T* x, int64_t rows, int64_t C, int64_t L, const Stat* shift, Stat* mean, Stat* m2,
-                Stat* scratch) {
+void rows_stats(const T* x, Rows R, const Stat* shift, Stat* mean, Stat* m2, Stat* scratch) {
   using Acc = acc_t<T>;
   using V = Vec<Acc>;
   using LW = LaneWelford<Acc>;
   constexpr int W = V::W;
   constexpr int H = LW::H;
-  const int64_t P = L / C;
-  const int64_t periods = rows / P;
+  const int64_t C = R.C, L = R.L, ld = R.period_stride();
+  const int64_t periods = R.periods();
   Stat* pmean = scratch;    // [L] per-position double state, n values each
   Stat* pm2 = scratch + L;  // [L]
   Acc* ps = reinterpret_cast<Acc*>(scratch + 2 * L);  // [L] per-position block: reference,
   Acc* pbm = ps + L;                                  // [L] mean relative to it,
   Acc* pbm2 = pbm + L;                                // [L] m2; bn values each
   int64_t n = 0;
-  V v[kChunk];
   for (int64_t p0 = 0; p0 < L; p0 += kTile) {
     const int64_t p1 = std::min(L, p0 + kTile);
     n = 0;
@@ -364,20 +450,24 @@ void rows_stats(const T* x, int64_t rows, int64_t C, int64_t L, const Stat* shif
     };
     for (int64_t k = 0; k < periods; k += kChunk) {
       const int K = static_cast<int>(std::min<int64_t>(kChunk, periods - k));
-      const T* xs = x + k * L;
-      for (int64_t p = p0; p < p1; p += W) {
-        for (int j = 0; j < K; ++j) v[j] = V::load(xs + j * L + p);
-        V sv, bm, bm2;
-        if (bn) {
-          sv = V::load(ps + p);
-          bm = V::load(pbm + p);
-          bm2 = V::load(pbm2 + p);
+      const T* xs = x + k * ld;
+      with_count<kChunk>(K, [&](auto kc) {  // the chunk's size a constant of the position loop
+        constexpr int KC = decltype(kc)::value;
+        for (int64_t p = p0; p < p1; p += W) {
+          V v[KC];
+          for (int j = 0; j < KC; ++j) v[j] = V::load(xs + j * ld + p);
+          V sv, bm, bm2;
+          if (bn) {
+            sv = V::load(ps + p);
+            bm = V::load(pbm + p);
+            bm2 = V::load(pbm2 + p);
+          }
+          LW::template chunk_into_block<KC>(sv, bm, bm2, bn, v);
+          if (!bn) sv.store(ps + p);
+          bm.store(pbm + p);
+          bm2.store(pbm2 + p);
         }
-        LW::chunk_into_block(sv, bm, bm2, bn, v, K);
-        if (!bn) sv.store(ps + p);
-        bm.store(pbm + p);
-        bm2.store(pbm2 + p);
-      }
+      });
       bn += K;
       if (++chunks == kBlockChunks) flush();
     }
@@ -387,25 +477,26 @@ void rows_stats(const T* x, int64_t rows, int64_t C, int64_t L, const Stat* shif
     WelfordState<Stat> st{0, 0.0, 0.0};
     if (n > 0)
       for (int64_t q = 0; q < L; q += C) st = chan_merge(st, WelfordState<Stat>{n, pmean[q + c], pm2[q + c]});
-    for (int64_t i = periods * L + c; i < rows * C; i += C) welford_add(st, static_cast<Stat>(to_acc(x[i])) - shift[c]);
+    for (int64_t row = periods * (L / C); row < R.rows; ++row)
+      welford_add(st, static_cast<Stat>(to_acc(x[row * R.ld + c])) - shift[c]);
     mean[c] = st.mean;
     m2[c] = st.m2;
   }
 }
 
-// Visits a block of rows: vec(i, p) for every vector of W values at flat offset i (pattern
+// Visits a block of rows: vec(i, p) for every vector of W values at offset i (pattern
 // position p), tile by tile, then scalar(i, c) for each value of the last rows % P rows.
 template <int W, class FV, class FS>
-inline void walk_rows(int64_t rows, int64_t C, int64_t L, FV&& vec, FS&& scalar) {
-  const int64_t P = L / C;
-  const int64_t flat_end = (rows / P) * L;
+inline void walk_rows(const Rows& R, FV&& vec, FS&& scalar) {
+  const int64_t L = R.L, ld = R.period_stride();
+  const int64_t end = R.periods() * ld;
   for (int64_t p0 = 0; p0 < L; p0 += kTile) {
     const int64_t p1 = std::min(L, p0 + kTile);
-    for (int64_t base = 0; base < flat_end; base += L)
+    for (int64_t base = 0; base < end; base += ld)
       for (int64_t p = p0; p < p1; p += W) vec(base + p, p);
   }
-  for (int64_t row = flat_end; row < rows * C; row += C)
-    for (int64_t c = 0; c < C; ++c) scalar(row + c, c);
+  for (int64_t row = R.periods() * (L / R.C); row < R.rows; ++row)
+    for (int64_t c = 0; c < R.C; ++c) scalar(row * R.ld + c, c);
 }
 
 // Forward coefficients at pattern position p (vectors) or of channel c (scalars). With
@@ -422,38 +513,42 @@ template <class Acc> inline FwdCoef<Acc> fwd_of(const Acc* mean, const Acc* a, c
 // y = act((x - mean) * a + b [+ r]) over a block of rows. mean/a/b: patterns of length L
 // (position q * C + c holds channel c's value).
 template <class T>
-void rows_affine(const T* x, T* y, int64_t rows, int64_t C, int64_t L, const acc_t<T>* mean, const acc_t<T>* a,
-                 const acc_t<T>* b, const T* r, bool relu) {
+void rows_affine(const T* x, T* y, Rows R, const acc_t<T>* mean, const acc_t<T>* a, const acc_t<T>* b, const T* r,
+                 bool relu, bool stream) {
   using Acc = acc_t<T>;
   using V = Vec<Acc>;
-  const bool has_r = r != nullptr;
-  walk_rows<V::W>(
-      rows, C, L,
-      [&](int64_t i, int64_t p) {
-        forward_value(V::load(x + i), fwd_at<V>(mean, a, b, p), load_or_zero<V>(r, i), has_r, relu).store(y + i);
-      },
-      [&](int64_t i, int64_t c) {
-        y[i] = from_acc<T>(forward_value(to_acc(x[i]), fwd_of(mean, a, b, c), value_or_zero<Acc>(r, i), has_r, relu));
-      });
+  with_flags(relu, r != nullptr, [&](auto relu_c, auto has_r_c) {
+    constexpr bool kRelu = decltype(relu_c)::value;
+    constexpr bool kHasR = decltype(has_r_c)::value;
+    walk_rows<V::W>(
+        R,
+        [&](int64_t i, int64_t p) {
+          put(forward_value(V::load(x + i), fwd_at<V>(mean, a, b, p), load_or_zero<V>(kHasR ? r : nullptr, i), kHasR,
+                            kRelu),
+              y + i, stream);
+        },
+        [&](int64_t i, int64_t c) {
+          y[i] = from_acc<T>(forward_value(to_acc(x[i]), fwd_of(mean, a, b, c), value_or_zero<Acc>(r, i), kHasR, kRelu));
+        });
+  });
+  if (stream) stream_fence();
 }
 
 // Per-channel sum dy_eff and sum dy_eff * (x - mean) over a block of rows (outputs
 // overwritten). Each pattern position collects up to kFresh periods in Acc, then adds them
 // into (lo, hi) pairs of doubles (add_wide). scratch: 6 * L doubles.
 template <class T>
-void rows_grad_sums(const T* dy, const T* x, int64_t rows, int64_t C, int64_t L, const acc_t<T>* mean,
-                    const acc_t<T>* a, const acc_t<T>* b, const T* r, bool relu, Stat* sum_dy, Stat* sum_dy_xmu,
-                    Stat* scratch) {
+void rows_grad_sums(const T* dy, const T* x, Rows R, const acc_t<T>* mean, const acc_t<T>* a, const acc_t<T>* b,
+                    const T* r, bool relu, Stat* sum_dy, Stat* sum_dy_xmu, Stat* scratch) {
   using Acc = acc_t<T>;
   using V = Vec<Acc>;
   constexpr int W = V::W;
-  // Where each pattern position's pair lives: a float vector's halves are 4 positions apart,
+  // Where each pattern position's pair lives: a float vector's halves are SVec::W positions apart,
   // a double vector's compensation is in the array's second half.
   constexpr int64_t kHi = W == SVec::W ? -1 : SVec::W;
+  const int64_t C = R.C, L = R.L, ld = R.period_stride();
   const int64_t hi_off = kHi < 0 ? L : kHi;
-  const int64_t P = L / C;
-  const int64_t periods = rows / P;
-  const int64_t flat_end = periods * L;
+  const int64_t periods = R.periods();
   const bool has_r = r != nullptr;
   Stat* s1 = scratch;          // pairs of sum dy
   Stat* s2 = scratch + 2 * L;  // pairs of sum dy * (x - mean)
@@ -478,19 +573,26 @@ void rows_grad_sums(const T* dy, const T* x, int64_t rows, int64_t C, int64_t L,
   };
   for (int64_t p0 = 0; p0 < L; p0 += kTile) {
     const int64_t p1 = std::min(L, p0 + kTile);
-    for (int64_t k = 0; k < periods; ++k) {
-      const int64_t base = k * L;
+    // kSumGroup periods at a time, added in period order into a position's fresh sums held in
+    // registers (kFresh is a multiple of kSumGroup: a group never spans a flush).
+    constexpr int kSumGroup = 8;
+    static_assert(kFresh % kSumGroup == 0, "a group of periods must not span a flush");
+    for (int64_t k = 0; k < periods; k += kSumGroup) {
+      const int n = static_cast<int>(std::min<int64_t>(kSumGroup, periods - k));
+      const int64_t base = k * ld;
       for (int64_t p = p0; p < p1; p += W) {
-        const int64_t i = base + p;
         const FwdCoef<V> kv = fwd_at<V>(mean, a, b, p, relu);
-        const V xv = V::load(x + i);
-        const V g = effective_dy(V::load(dy + i), xv, kv, load_or_zero<V>(r, i), has_r, relu);
         V s1 = V::load(f1 + p), s2 = V::load(f2 + p);
-        grad_sums_add(s1, s2, g, xv, kv.mean);
+        for (int j = 0; j < n; ++j) {
+          const int64_t i = base + j * ld + p;
+          const V xv = V::load(x + i);
+          grad_sums_add(s1, s2, effective_dy(V::load(dy + i), xv, kv, load_or_zero<V>(r, i), has_r, relu), xv,
+                        kv.mean);
+        }
         s1.store(f1 + p);
         s2.store(f2 + p);
       }
-      if ((k + 1) % kFresh == 0) flush(p0, p1);
+      if ((k + n) % kFresh == 0) flush(p0, p1);
     }
     flush(p0, p1);
   }
@@ -502,9 +604,9 @@ void rows_grad_sums(const T* dy, const T* x, int64_t rows, int64_t C, int64_t L,
   }
   fold_pattern(s1, L, C, sum_dy);
   fold_pattern(s2, L, C, sum_dy_xmu);
-  for (int64_t row = flat_end; row < rows * C; row += C)
+  for (int64_t row = periods * (L / C); row < R.rows; ++row)
     for (int64_t c = 0; c < C; ++c) {
-      const int64_t i = row + c;
+      const int64_t i = row * R.ld + c;
       const FwdCoef<Acc> k = fwd_of(mean, a, b, c);
       const Acc xv = to_acc(x[i]);
       const Acc g = effective_dy(to_acc(dy[i]), xv, k, value_or_zero<Acc>(r, i), has_r, relu);
@@ -515,9 +617,9 @@ void rows_grad_sums(const T* dy, const T* x, int64_t rows, int64_t C, int64_t L,
 // dx = grad_input(dy_eff), dr = dy_eff over a block of rows. All per-channel inputs are
 // patterns of length L; `centred`: BwdCoef::centred (training).
 template <class T>
-void rows_grad_input(const T* dy, const T* x, int64_t rows, int64_t C, int64_t L, const acc_t<T>* mean,
-                     const acc_t<T>* A, const acc_t<T>* Bm, const acc_t<T>* D, bool centred, const acc_t<T>* a,
-                     const acc_t<T>* b, const T* r, bool relu, T* dx, T* dr) {
+void rows_grad_input(const T* dy, const T* x, Rows R, const acc_t<T>* mean, const acc_t<T>* A, const acc_t<T>* Bm,
+                     const acc_t<T>* D, bool centred, const acc_t<T>* a, const acc_t<T>* b, const T* r, bool relu,
+                     bool stream, T* dx, T* dr) {
   using Acc = acc_t<T>;
   using V = Vec<Acc>;
   const bool has_r = r != nullptr;
@@ -525,16 +627,16 @@ void rows_grad_input(const T* dy, const T* x, int64_t rows, int64_t C, int64_t L
     constexpr bool kRelu = decltype(relu_c)::value;
     constexpr bool kCentred = decltype(centred_c)::value;
     walk_rows<V::W>(
-        rows, C, L,
+        R,
         [&](int64_t i, int64_t p) {
           const V xv = V::load(x + i);
           const V d = effective_dy(V::load(dy + i), xv, fwd_at<V>(mean, a, b, p, kRelu), load_or_zero<V>(r, i), has_r,
                                    kRelu);
-          if (dr) d.store(dr + i);
+          if (dr) put(d, dr + i, stream);
           if (dx) {
             const BwdCoef<V> g{V::load(mean + p), V::load(A + p), kCentred ? V::load(Bm + p) : V::zero(),
                                kCentred ? V::load(D + p) : V::zero(), kCentred};
-            grad_input(d, xv, g).store(dx + i);
+            put(grad_input(d, xv, g), dx + i, stream);
           }
         },
         [&](int64_t i, int64_t c) {
@@ -544,4 +646,5 @@ void rows_grad_input(const T* dy, const T* x, int64_t rows, int64_t C, int64_t L
           if (dx) dx[i] = from_acc<T>(grad_input(d, xv, BwdCoef<Acc>{mean[c], A[c], Bm[c], D[c], kCentred}));
         });
   });
+  if (stream) stream_fence();
 }

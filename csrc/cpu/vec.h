@@ -1,10 +1,12 @@
 // Fixed-width vectors of the accumulation type for the CPU kernels. Torch-free.
 //
-// Vec<float> holds 8 lanes, Vec<double> 4 (one 256-bit register). Included by the ISA units
-// (isa_base.cpp, isa_avx2.cpp) inside their own namespace: with FASTBN_CPU_AVX2 defined it
-// maps to AVX2/FMA/F16C intrinsics, otherwise to plain lane loops the compiler vectorises
-// for the baseline ISA. load(p) reads W storage values (float, double, f16, bf16) and widens
-// them; store(p, v) rounds to the storage type (round to nearest even). The free functions
+// One register's worth of lanes: Vec<float> holds 16 lanes and Vec<double> 8 with
+// FASTBN_CPU_AVX512 (AVX-512F intrinsics), else 8 and 4 (256 bits). Included by the ISA units
+// (isa_base.cpp, isa_avx2.cpp, isa_avx512.cpp) inside their own namespace: with
+// FASTBN_CPU_AVX2 it maps to AVX2/FMA/F16C intrinsics, with neither macro to plain lane loops
+// the compiler vectorises for the baseline ISA. load(p) reads W storage values (float, double, f16, bf16) and widens
+// them; store(p, v) rounds to the storage type (round to nearest even); load_part / store_part
+// do the same for the first n < W values (vector tails). The free functions
 // madd (fused in the AVX2 unit), where_finite, relu_value and where_positive are bn_math.h's scalar ones lane by
 // lane, so bn_math.h's formulas take a Vec as their value type.
 #pragma once
@@ -17,7 +19,96 @@ using ::fastbn::relu_value;
 using ::fastbn::where_finite;
 using ::fastbn::where_positive;
 
-#if FASTBN_CPU_AVX2
+#if FASTBN_CPU_AVX512
+
+template <> struct Vec<float> {
+  static constexpr int W = 16;
+  __m512 v;
+  static Vec set1(float a) { return {_mm512_set1_ps(a)}; }
+  static Vec zero() { return {_mm512_setzero_ps()}; }
+  static Vec load(const float* p) { return {_mm512_loadu_ps(p)}; }
+  static Vec load(const f16* p) { return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))}; }
+  static Vec load(const bf16* p) {
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return {_mm512_castsi512_ps(_mm512_slli_epi32(w, 16))};
+  }
+  void store(float* p) const { _mm512_storeu_ps(p, v); }
+  __m256i f16_bits() const { return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  __m256i bf16_bits() const {  // round to nearest even; NaN -> 0x7FC0 (bn_math.h's scalar rule)
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+    r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), r, _mm512_set1_epi32(0x7FC0));
+    return _mm512_cvtepi32_epi16(r);
+  }
+  void store(f16* p) const { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), f16_bits()); }
+  void store(bf16* p) const { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), bf16_bits()); }
+  // Non-temporal stores (p aligned to the W values' size).
+  void stream(float* p) const { _mm512_stream_ps(p, v); }
+  void stream(f16* p) const { _mm256_stream_si256(reinterpret_cast<__m256i*>(p), f16_bits()); }
+  void stream(bf16* p) const { _mm256_stream_si256(reinterpret_cast<__m256i*>(p), bf16_bits()); }
+  void lanes(float* out) const { _mm512_storeu_ps(out, v); }
+  // The first n < W values (the other lanes 0 / not written), by masked loads and stores.
+  static __mmask16 first(int n) { return static_cast<__mmask16>((1u << n) - 1); }
+  static Vec load_part(const float* p, int n) { return {_mm512_maskz_loadu_ps(first(n), p)}; }
+  static Vec load_part(const f16* p, int n) { return {_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(first(n), p))}; }
+  static Vec load_part(const bf16* p, int n) {
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(first(n), p));
+    return {_mm512_castsi512_ps(_mm512_slli_epi32(w, 16))};
+  }
+  void store_part(float* p, int n) const { _mm512_mask_storeu_ps(p, first(n), v); }
+  void store_part(f16* p, int n) const { _mm256_mask_storeu_epi16(p, first(n), f16_bits()); }
+  void store_part(bf16* p, int n) const { _mm256_mask_storeu_epi16(p, first(n), bf16_bits()); }
+};
+
+template <> struct Vec<double> {
+  static constexpr int W = 8;
+  __m512d v;
+  static Vec set1(double a) { return {_mm512_set1_pd(a)}; }
+  static Vec zero() { return {_mm512_setzero_pd()}; }
+  static Vec load(const double* p) { return {_mm512_loadu_pd(p)}; }
+  void store(double* p) const { _mm512_storeu_pd(p, v); }
+  void stream(double* p) const { _mm512_stream_pd(p, v); }
+  void lanes(double* out) const { _mm512_storeu_pd(out, v); }
+  static __mmask8 first(int n) { return static_cast<__mmask8>((1u << n) - 1); }
+  static Vec load_part(const double* p, int n) { return {_mm512_maskz_loadu_pd(first(n), p)}; }
+  void store_part(double* p, int n) const { _mm512_mask_storeu_pd(p, first(n), v); }
+};
+
+inline Vec<float> operator+(Vec<float> a, Vec<float> b) { return {_mm512_add_ps(a.v, b.v)}; }
+inline Vec<float> operator-(Vec<float> a, Vec<float> b) { return {_mm512_sub_ps(a.v, b.v)}; }
+inline Vec<float> operator*(Vec<float> a, Vec<float> b) { return {_mm512_mul_ps(a.v, b.v)}; }
+inline Vec<float> operator/(Vec<float> a, Vec<float> b) { return {_mm512_div_ps(a.v, b.v)}; }
+inline Vec<double> operator+(Vec<double> a, Vec<double> b) { return {_mm512_add_pd(a.v, b.v)}; }
+inline Vec<double> operator-(Vec<double> a, Vec<double> b) { return {_mm512_sub_pd(a.v, b.v)}; }
+inline Vec<double> operator*(Vec<double> a, Vec<double> b) { return {_mm512_mul_pd(a.v, b.v)}; }
+inline Vec<double> operator/(Vec<double> a, Vec<double> b) { return {_mm512_div_pd(a.v, b.v)}; }
+
+inline Vec<float> madd(Vec<float> x, Vec<float> a, Vec<float> b) { return {_mm512_fmadd_ps(x.v, a.v, b.v)}; }
+inline Vec<double> madd(Vec<double> x, Vec<double> a, Vec<double> b) { return {_mm512_fmadd_pd(x.v, a.v, b.v)}; }
+// max(0, x) returns x where x is NaN (the second operand), as relu_value does.
+inline Vec<float> relu_value(Vec<float> x) { return {_mm512_max_ps(_mm512_setzero_ps(), x.v)}; }
+inline Vec<double> relu_value(Vec<double> x) { return {_mm512_max_pd(_mm512_setzero_pd(), x.v)}; }
+inline Vec<float> where_positive(Vec<float> pre, Vec<float> value) {
+  return {_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(pre.v, _mm512_setzero_ps(), _CMP_GT_OQ), value.v)};
+}
+inline Vec<double> where_positive(Vec<double> pre, Vec<double> value) {
+  return {_mm512_maskz_mov_pd(_mm512_cmp_pd_mask(pre.v, _mm512_setzero_pd(), _CMP_GT_OQ), value.v)};
+}
+// Lanes 0-7 / 8-15 of a float vector, widened to double.
+inline Vec<double> widen_lo(Vec<float> v) { return {_mm512_cvtps_pd(_mm512_castps512_ps256(v.v))}; }
+inline Vec<double> widen_hi(Vec<float> v) {
+  return {_mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v.v), 1)))};
+}
+// a where d is finite (d - d == 0), else b.
+inline Vec<float> where_finite(Vec<float> d, Vec<float> a, Vec<float> b) {
+  return {_mm512_mask_blend_ps(_mm512_cmp_ps_mask(_mm512_sub_ps(d.v, d.v), _mm512_setzero_ps(), _CMP_EQ_OQ), b.v, a.v)};
+}
+inline Vec<double> where_finite(Vec<double> d, Vec<double> a, Vec<double> b) {
+  return {_mm512_mask_blend_pd(_mm512_cmp_pd_mask(_mm512_sub_pd(d.v, d.v), _mm512_setzero_pd(), _CMP_EQ_OQ), b.v, a.v)};
+}
+
+#elif FASTBN_CPU_AVX2
 
 template <> struct Vec<float> {
   static constexpr int W = 8;
@@ -33,19 +124,33 @@ template <> struct Vec<float> {
     return {_mm256_castsi256_ps(_mm256_slli_epi32(w, 16))};
   }
   void store(float* p) const { _mm256_storeu_ps(p, v); }
-  void store(f16* p) const {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  }
-  void store(bf16* p) const {
+  __m128i f16_bits() const { return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  __m128i bf16_bits() const {  // round to nearest even; NaN -> 0x7FC0 (bn_math.h's scalar rule)
     const __m256i u = _mm256_castps_si256(v);
     const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
     __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
     const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
     r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
-    const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+    return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
   }
+  void store(f16* p) const { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), f16_bits()); }
+  void store(bf16* p) const { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), bf16_bits()); }
+  // Non-temporal stores (p aligned to the W values' size).
+  void stream(float* p) const { _mm256_stream_ps(p, v); }
+  void stream(f16* p) const { _mm_stream_si128(reinterpret_cast<__m128i*>(p), f16_bits()); }
+  void stream(bf16* p) const { _mm_stream_si128(reinterpret_cast<__m128i*>(p), bf16_bits()); }
   void lanes(float* out) const { _mm256_storeu_ps(out, v); }
+  // The first n < W values (the other lanes 0 / not written), through a buffer.
+  template <class T> static Vec load_part(const T* p, int n) {
+    T t[W] = {};
+    for (int i = 0; i < n; ++i) t[i] = p[i];
+    return load(t);
+  }
+  template <class T> void store_part(T* p, int n) const {
+    T t[W];
+    store(t);
+    for (int i = 0; i < n; ++i) p[i] = t[i];
+  }
 };
 
 template <> struct Vec<double> {
@@ -55,7 +160,19 @@ template <> struct Vec<double> {
   static Vec zero() { return {_mm256_setzero_pd()}; }
   static Vec load(const double* p) { return {_mm256_loadu_pd(p)}; }
   void store(double* p) const { _mm256_storeu_pd(p, v); }
+  void stream(double* p) const { _mm256_stream_pd(p, v); }
   void lanes(double* out) const { _mm256_storeu_pd(out, v); }
+  // The first n < W values (the other lanes 0 / not written), through a buffer.
+  template <class T> static Vec load_part(const T* p, int n) {
+    T t[W] = {};
+    for (int i = 0; i < n; ++i) t[i] = p[i];
+    return load(t);
+  }
+  template <class T> void store_part(T* p, int n) const {
+    T t[W];
+    store(t);
+    for (int i = 0; i < n; ++i) p[i] = t[i];
+  }
 };
 
 // (Operators at namespace scope: GCC does not apply a target pragma to in-class friends.)
@@ -111,6 +228,7 @@ template <class Acc> struct Vec {
   template <class T> void store(T* p) const {
     for (int i = 0; i < W; ++i) p[i] = from_acc<T>(v[i]);
   }
+  template <class T> void stream(T* p) const { store(p); }  // no non-temporal stores here
   friend Vec operator+(Vec a, Vec b) {
     for (int i = 0; i < W; ++i) a.v[i] += b.v[i];
     return a;
@@ -146,6 +264,15 @@ template <class Acc> struct Vec {
   void lanes(Acc* out) const {
     for (int i = 0; i < W; ++i) out[i] = v[i];
   }
+  // The first n < W values (the other lanes 0 / not written).
+  template <class T> static Vec load_part(const T* p, int n) {
+    Vec r = zero();
+    for (int i = 0; i < n; ++i) r.v[i] = to_acc(p[i]);
+    return r;
+  }
+  template <class T> void store_part(T* p, int n) const {
+    for (int i = 0; i < n; ++i) p[i] = from_acc<T>(v[i]);
+  }
 };
 
 inline Vec<double> widen_lo(const Vec<float>& v) {
@@ -161,7 +288,7 @@ inline Vec<double> widen_hi(const Vec<float>& v) {
 
 #endif
 
-// Part h (0, or 1 for a float vector's lanes 4-7) of a vector of the accumulation type, in double.
+// Part h (0, or 1 for a float vector's upper half) of a vector of the accumulation type, in double.
 inline Vec<double> part_wide(const Vec<double>& v, int) { return v; }
 inline Vec<double> part_wide(const Vec<float>& v, int h) { return h ? widen_hi(v) : widen_lo(v); }
 
@@ -198,4 +325,20 @@ template <class Acc> inline Acc hsum(const Vec<Acc>& a) {
   Acc s = 0;
   for (int i = 0; i < Vec<Acc>::W; ++i) s += l[i];
   return s;
+}
+
+// Stores v at p: a non-temporal store when `stream` and p is aligned to the vector's size in
+// T (the output is larger than the last-level cache and is not read back soon), else a plain one.
+template <class V, class T> inline void put(const V& v, T* p, bool stream) {
+  if (stream && reinterpret_cast<std::uintptr_t>(p) % (V::W * sizeof(T)) == 0) {
+    v.stream(p);
+  } else {
+    v.store(p);
+  }
+}
+// Orders a kernel's non-temporal stores before whatever the caller does next.
+inline void stream_fence() {
+#if FASTBN_CPU_AVX2 || FASTBN_CPU_AVX512
+  _mm_sfence();
+#endif
 }

@@ -22,7 +22,7 @@ template <int V, class Acc> __device__ __forceinline__ void welford_add_vec(Welf
     return;
   }
   WelfordState<Acc> b{V, Acc(0), Acc(0)};
-  block_stats(v, V, b.mean, b.m2);
+  block_stats<V>(v, b.mean, b.m2);
   s = chan_merge(s, b);
 }
 
@@ -211,7 +211,7 @@ __global__ void __launch_bounds__(kThreads, VC > 1 && sizeof(T) != 4 ? 3 : 4)
         Acc v[R], bmean, bm2;
 #pragma unroll
         for (int r = 0; r < R; ++r) v[r] = to_acc(pk[r].v[i]) - shift[i];
-        block_stats(v, R, bmean, bm2);
+        block_stats<R>(v, bmean, bm2);
         if (n == 0) {
           mean[i] = bmean;
           m2[i] = bm2;
