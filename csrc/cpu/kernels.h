@@ -1,6 +1,7 @@
 // Table of the single-threaded CPU kernels for one storage type, picked at run time for the
-// best instruction set this CPU has (AVX-512, AVX2+FMA+F16C, else baseline x86-64). Torch-free; the
-// threading driver (bn_cpu.cpp) calls through it. Shapes and contracts: kernels_impl.h.
+// best instruction set this CPU has (AVX-512, AVX2+FMA+F16C, else baseline x86-64).
+// Torch-free; the threading driver (bn_cpu.cpp) calls through it. Shapes and contracts:
+// kernels_impl.h.
 #pragma once
 #include <cstdint>
 
@@ -44,12 +45,11 @@ template <class T> struct Kernels {
                             const BwdCoef<Acc>* g, const FwdCoef<Acc>* k, const T* r, bool relu, bool stream, T* dx,
                             T* dr);
   // scratch: 2 * L doubles + 3 * L Acc (rows_stats), 6 * L doubles (rows_grad_sums).
-  void (*rows_stats)(const T* x, Rows R, const double* shift, double* mean, double* m2,
-                     double* scratch);
+  void (*rows_stats)(const T* x, Rows R, const double* shift, double* mean, double* m2, double* scratch);
   void (*rows_affine)(const T* x, T* y, Rows R, const Acc* mean, const Acc* a, const Acc* b, const T* r, bool relu,
                       bool stream);
-  void (*rows_grad_sums)(const T* dy, const T* x, Rows R, const Acc* mean, const Acc* a,
-                         const Acc* b, const T* r, bool relu, double* sum_dy, double* sum_dy_xmu, double* scratch);
+  void (*rows_grad_sums)(const T* dy, const T* x, Rows R, const Acc* mean, const Acc* a, const Acc* b, const T* r,
+                         bool relu, double* sum_dy, double* sum_dy_xmu, double* scratch);
   void (*rows_grad_input)(const T* dy, const T* x, Rows R, const Acc* mean, const Acc* A, const Acc* Bm,
                           const Acc* D, bool centred, const Acc* a, const Acc* b, const T* r, bool relu, bool stream,
                           T* dx, T* dr);

@@ -312,8 +312,8 @@ void run_grad_sums(const T* dy, const T* x, Run run, FwdCoef<acc_t<T>> k, const 
 // dx = grad_input(dy_eff) (when dx != null); dr = dy_eff (when dr != null). `stream`: as
 // affine_values.
 template <class T>
-void grad_values(const T* dy, const T* x, Run run, BwdCoef<acc_t<T>> g, FwdCoef<acc_t<T>> k, const T* r, bool stream,
-                    bool relu, T* dx, T* dr) {
+void grad_values(const T* dy, const T* x, Run run, BwdCoef<acc_t<T>> g, FwdCoef<acc_t<T>> k, const T* r, bool relu,
+                 bool stream, T* dx, T* dr) {
   using Acc = acc_t<T>;
   using V = Vec<Acc>;
   constexpr int W = V::W;
@@ -359,7 +359,7 @@ template <class T> void run_affine(const T* x, T* y, Run run, FwdCoef<acc_t<T>> 
 template <class T>
 void run_grad_input(const T* dy, const T* x, Run run, BwdCoef<acc_t<T>> g, FwdCoef<acc_t<T>> k, const T* r, bool relu,
                     T* dx, T* dr) {
-  grad_values(dy, x, run, g, k, r, false, relu, dx, dr);
+  grad_values(dy, x, run, g, k, r, relu, false, dx, dr);
 }
 
 // The elementwise passes over `planes` consecutive planes of S values (the planar layout's
@@ -380,7 +380,7 @@ void planes_grad_input(const T* dy, const T* x, int64_t planes, int64_t S, int64
                        T* dr) {
   for (int64_t j = 0, c = c0; j < planes; ++j, c = c + 1 == C ? 0 : c + 1) {
     const int64_t o = j * S;
-    grad_values(dy + o, x + o, Run{1, S, 0}, g[c], k[c], r ? r + o : nullptr, stream, relu, dx ? dx + o : nullptr,
+    grad_values(dy + o, x + o, Run{1, S, 0}, g[c], k[c], r ? r + o : nullptr, relu, stream, dx ? dx + o : nullptr,
                 dr ? dr + o : nullptr);
   }
   if (stream) stream_fence();

@@ -1,14 +1,16 @@
 // Fixed-width vectors of the accumulation type for the CPU kernels. Torch-free.
 //
 // One register's worth of lanes: Vec<float> holds 16 lanes and Vec<double> 8 with
-// FASTBN_CPU_AVX512 (AVX-512F intrinsics), else 8 and 4 (256 bits). Included by the ISA units
-// (isa_base.cpp, isa_avx2.cpp, isa_avx512.cpp) inside their own namespace: with
+// FASTBN_CPU_AVX512 (AVX-512F/BW/VL intrinsics), else 8 and 4 (256 bits). Included by the ISA
+// units (isa_base.cpp, isa_avx2.cpp, isa_avx512.cpp) inside their own namespace: with
 // FASTBN_CPU_AVX2 it maps to AVX2/FMA/F16C intrinsics, with neither macro to plain lane loops
-// the compiler vectorises for the baseline ISA. load(p) reads W storage values (float, double, f16, bf16) and widens
-// them; store(p, v) rounds to the storage type (round to nearest even); load_part / store_part
-// do the same for the first n < W values (vector tails). The free functions
-// madd (fused in the AVX2 unit), where_finite, relu_value and where_positive are bn_math.h's scalar ones lane by
-// lane, so bn_math.h's formulas take a Vec as their value type.
+// the compiler vectorises for the baseline ISA. load(p) reads W storage values (float, double,
+// f16, bf16) and widens them; store(p) rounds to the storage type (round to nearest even);
+// stream(p) stores the same non-temporally (p aligned to W values; a plain store in the
+// baseline unit); load_part / store_part do the same as load / store for the first n < W values
+// (vector tails). The free functions madd (fused in the AVX2 and AVX-512 units), where_finite,
+// relu_value and where_positive are bn_math.h's scalar ones lane by lane, so bn_math.h's
+// formulas take a Vec as their value type.
 #pragma once
 
 template <class Acc> struct Vec;
