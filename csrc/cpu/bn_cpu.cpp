@@ -54,6 +54,11 @@ bool stream_outputs(int64_t bytes) {
   return forced >= 0 ? forced == 1 : bytes > llc;
 }
 
+// stream_outputs for a pass writing `outputs` tensors shaped like the input (storage type T).
+template <class T> bool stream_for(const Geometry& g, int outputs) {
+  return stream_outputs(outputs * g.numel() * int64_t(sizeof(T)));
+}
+
 bool channel_per_thread(int64_t C) {
   const int64_t nt = at::get_num_threads();
   return C >= nt && (C % nt == 0 || C >= 4 * nt);
@@ -191,8 +196,6 @@ template <class T> struct PlanarDriver {
   Geometry G;
   PlanarUnits U;
   explicit PlanarDriver(const Geometry& g) : G(g), U(g) {}
-  // Non-temporal stores for a pass writing n outputs shaped like x (stream_outputs).
-  bool stream(int n) const { return stream_outputs(n * G.numel() * int64_t(sizeof(T))); }
 
   // Channel c's shift (stats_shift of its first values, from plane (0, c) on).
   Fold shift(const T* x, int64_t c) const {
@@ -259,8 +262,9 @@ template <class T> struct PlanarDriver {
   template <class FK> void affine_planes(const T* x, T* y, const T* r, bool relu, FK&& k) const {
     std::vector<FwdCoef<Acc>> kc(U.C);
     for (int64_t c = 0; c < U.C; ++c) kc[c] = k(c);
+    const bool stream = stream_for<T>(G, 1);
     for_all_planes([&](int64_t c0, int64_t off, int64_t n) {
-      K.planes_affine(x + off, y + off, n, U.S, c0, U.C, kc.data(), r ? r + off : nullptr, relu, stream(1));
+      K.planes_affine(x + off, y + off, n, U.S, c0, U.C, kc.data(), r ? r + off : nullptr, relu, stream);
     });
   }
 
@@ -274,10 +278,10 @@ template <class T> struct PlanarDriver {
       kc[c] = k(c);
       gc[c] = g(c);
     }
+    const bool stream = stream_for<T>(G, (dx != nullptr) + (dr != nullptr));
     for_all_planes([&](int64_t c0, int64_t off, int64_t n) {
       K.planes_grad_input(dy + off, x + off, n, U.S, c0, U.C, gc.data(), kc.data(), r ? r + off : nullptr, relu,
-                          stream((dx != nullptr) + (dr != nullptr)),
-                          dx ? dx + off : nullptr, dr ? dr + off : nullptr);
+                          stream, dx ? dx + off : nullptr, dr ? dr + off : nullptr);
     });
   }
 
@@ -494,9 +498,10 @@ template <class T> struct RowsDriver {
     const T* x = cptr<T>(o.x);
     const T* r = cptr<T>(o.residual);
     T* yp = mptr<T>(y);
+    const bool stream = stream_for<T>(G, 1);
     for_all_blocks([&](int64_t off, Rows rows) {
       K.rows_affine(x + off, yp + off, rows, p.mean.data(), p.a.data(), p.b.data(), r ? r + off : nullptr, o.relu,
-                    stream_outputs(G.numel() * int64_t(sizeof(T))));
+                    stream);
     });
   }
 
@@ -553,11 +558,11 @@ template <class T> struct RowsDriver {
       centred = g.centred;
     }
     const auto pA = B.pattern(A), pB = B.pattern(Bm), pD = B.pattern(D);
+    const bool stream = stream_for<T>(G, (dx != nullptr) + (dr != nullptr));
     for_all_blocks([&](int64_t off, Rows rows) {
       K.rows_grad_input(dy + off, x + off, rows, p.mean.data(), pA.data(), pB.data(), pD.data(), centred, p.a.data(),
-                        p.b.data(), r ? r + off : nullptr, o.relu,
-                        stream_outputs(((dx != nullptr) + (dr != nullptr)) * G.numel() * int64_t(sizeof(T))),
-                        dx ? dx + off : nullptr, dr ? dr + off : nullptr);
+                        p.b.data(), r ? r + off : nullptr, o.relu, stream, dx ? dx + off : nullptr,
+                        dr ? dr + off : nullptr);
     });
   }
 
