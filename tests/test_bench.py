@@ -330,6 +330,33 @@ def test_tiny_cases_are_timed_in_batches(bench_cases, bench_pkg, monkeypatch):
     assert seen == [{"min_sample_s": timing.TINY_SAMPLE_S, "sync": None}, {}]  # tiny, then small
 
 
+def test_interleaved_modules_never_share_a_round_input(bench_cases, bench_pkg):
+    """With calls interleaved, each module starts at its own place in the input rotation: in a
+    round, no module reads the inputs the module before it has just read, and every module
+    still cycles through every input set."""
+    timing = bench_pkg.timing
+    [case] = _bn1d_cases(bench_cases)
+    seen = {"a": [], "b": []}
+
+    class Recorder(torch.nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        def forward(self, x):
+            seen[self.name].append(x.data_ptr())
+            return x
+
+    n_sets = timing.MAX_INPUT_SETS  # the 64 x 32 case is far smaller than any cache
+    timing.time_case(case, "eval", {"a": Recorder("a"), "b": Recorder("b")}, reps=2 * n_sets)
+    a, b = seen["a"], seen["b"]
+    # Call j of each module (after the first call and 2 warm-up calls: round j - 3) on its own
+    # input set; b runs half a rotation behind a.
+    assert len(a) == len(b) > 2 * n_sets and len(set(a)) == n_sets and set(a) == set(b)
+    assert all(pa != pb for pa, pb in zip(a, b))
+    assert b == a[n_sets // 2:] + b[len(b) - n_sets // 2:]
+
+
 def test_wrong_output_is_fail_without_time(bench_cases, runner, report):
     cases = bench_cases.build_cases("cpu", quick=True, filters={"shapes": "bn2d", "dtypes": ["float32"]})
     rows = runner.run_benchmark(cases, impl_factory=_scaled_output_factory, compile_policy="none", progress=False)

@@ -5,7 +5,8 @@ processes took during a run.
 Contracts:
 - time_case(case, mode, modules, reps, min_time_s) -> (times, errors): the median ms per call of
   each module (name -> module) in `mode` on the same inputs, rotated over up to MAX_INPUT_SETS
-  input sets when one call's working set is under twice the cache. A module whose first call
+  input sets when one call's working set is under twice the cache, each module from its own
+  place in the rotation. A module whose first call
   raises gets an error message (name -> "Type: first line") instead of a time; OutOfMemoryError
   propagates. On the CPU the modules' calls are interleaved, >= reps rounds, more (up to 10 x
   reps) until min_time_s has passed, one timed call per module per round; on CUDA each module
@@ -152,7 +153,9 @@ def time_case(case, mode, modules, reps, min_time_s=0.0):
 
     When one call's working set is smaller than twice the cache (GPU L2, CPU last level),
     calls rotate over several input sets (up to MAX_INPUT_SETS) whose total exceeds it, so
-    the inputs are not cache-resident at the start of a call. Tiny cases (Case.tiny) get the
+    the inputs are not cache-resident at the start of a call; each module starts at its own
+    place in the rotation, so that in an interleaved round it is not handed the inputs the
+    module before it has just read. Tiny cases (Case.tiny) get the
     host wall-clock time per call over batches of calls (see the module docstring). Returns
     (times, errors): a module whose warm-up raises gets no time and an error message instead.
     """
@@ -162,8 +165,11 @@ def time_case(case, mode, modules, reps, min_time_s=0.0):
     inputs = [(random_tensor(case, 100 + i, requires_grad=grad), random_tensor(case, 200 + i) if grad else None)
               for i in range(n_sets)]
     fns, errors = {}, {}
-    for name, module in modules.items():
-        sets = itertools.cycle(inputs)
+    for k, (name, module) in enumerate(modules.items()):
+        # Module k starts k / len(modules) of the way round the cycle: with the calls interleaved,
+        # no module is handed inputs another module's call has just brought into the cache.
+        start = k * n_sets // len(modules)
+        sets = itertools.cycle(inputs[start:] + inputs[:start])
 
         def fn(module=module, sets=sets):
             step(module, mode, *next(sets))

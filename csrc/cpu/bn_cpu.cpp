@@ -435,25 +435,9 @@ template <class T> struct RowsDriver {
   // Per-channel Welford states, block partials folded in block order.
   std::vector<WelfordState<Fold>> stats(const T* x) const {
     const int64_t C = B.C;
-    // stats_shift of each channel's first values (rows 0, 1, ...), kShiftGroup channels at a
-    // time along the rows (stats_shifts: the same bits as one channel at a time).
-    constexpr int kShiftGroup = 4;
+    // stats_shift of each channel's first values (rows 0, 1, ...), along the rows.
     std::vector<Fold> shift(C);
-    const int64_t groups = C / kShiftGroup;
-    at::parallel_for(0, groups + 1, 16, [&](int64_t g0, int64_t g1) {
-      for (int64_t g = g0; g < g1; ++g) {
-        const int64_t c0 = g * kShiftGroup;
-        if (g < groups) {
-          Fold sh[kShiftGroup];
-          stats_shifts<kShiftGroup>(B.M, [&](int j, Fold (&v)[kShiftGroup]) {
-            for (int l = 0; l < kShiftGroup; ++l) v[l] = to_acc(x[j * C + c0 + l]);
-          }, sh);
-          std::copy(sh, sh + kShiftGroup, shift.begin() + c0);
-        } else {
-          for (int64_t c = c0; c < C; ++c) shift[c] = stats_shift<Fold>(B.M, [&](int j) { return to_acc(x[j * C + c]); });
-        }
-      }
-    });
+    at::parallel_for(0, C, 1024, [&](int64_t c0, int64_t c1) { K.rows_shifts(x, C, B.M, c0, c1, shift.data() + c0); });
     const std::vector<Fold> shift_pattern = B.pattern(shift);
     std::vector<Fold> pm(B.count * C), pm2(B.count * C);
     for_all_tasks([&](int64_t t, Rows rows, Fold* scratch) {

@@ -44,6 +44,8 @@ template <class T> struct Kernels {
   void (*planes_grad_input)(const T* dy, const T* x, int64_t planes, int64_t S, int64_t c0, int64_t C,
                             const BwdCoef<Acc>* g, const FwdCoef<Acc>* k, const T* r, bool relu, bool stream, T* dx,
                             T* dr);
+  // stats_shift of channels [c0, c1) of rows of C values (count rows) into shift[0, c1 - c0).
+  void (*rows_shifts)(const T* x, int64_t C, int64_t count, int64_t c0, int64_t c1, double* shift);
   // scratch: 2 * L doubles + 3 * L Acc (rows_stats), 6 * L doubles (rows_grad_sums).
   void (*rows_stats)(const T* x, Rows R, const double* shift, double* mean, double* m2, double* scratch);
   void (*rows_affine)(const T* x, T* y, Rows R, const Acc* mean, const Acc* a, const Acc* b, const T* r, bool relu,

@@ -396,6 +396,32 @@ template <class Acc> inline void fold_pattern(const Acc* pat, int64_t L, int64_t
     for (int64_t c = 0; c < C; ++c) out[c] += pat[q + c];
 }
 
+// stats_shift (bn_math.h) of channels [c0, c1) of rows of C values (row j at x + j * C), from rows
+// 0, 1, ...: stats_shifts' arithmetic channel by channel, in the same order (so the same bits),
+// with the rows read in memory order and the channel loops left to the compiler's vectoriser.
+// shift: [c1 - c0].
+template <class T> void rows_shifts(const T* x, int64_t C, int64_t count, int64_t c0, int64_t c1, Stat* shift) {
+  constexpr int64_t kPiece = 256;  // channels at a time: values, sums and spreads stay in L1
+  const int K = static_cast<int>(std::min<int64_t>(count, kShiftSamples));
+  for (int64_t p0 = c0; p0 < c1; p0 += kPiece) {
+    const int64_t n = std::min(kPiece, c1 - p0);
+    Stat* out = shift + (p0 - c0);
+    Stat v[kShiftSamples][kPiece], spread[kPiece];
+    for (int64_t c = 0; c < n; ++c) out[c] = spread[c] = Stat(0);
+    if (K <= 0) continue;
+    for (int j = 0; j < K; ++j) {
+      const T* row = x + j * C + p0;
+      for (int64_t c = 0; c < n; ++c) v[j][c] = static_cast<Stat>(to_acc(row[c]));
+    }
+    for (int j = 0; j < K; ++j)
+      for (int64_t c = 0; c < n; ++c) out[c] = out[c] + v[j][c];
+    for (int64_t c = 0; c < n; ++c) out[c] = out[c] / static_cast<Stat>(K);  // the samples' mean m
+    for (int j = 0; j < K; ++j)
+      for (int64_t c = 0; c < n; ++c) spread[c] = shift_spread(spread[c], v[j][c], out[c]);
+    for (int64_t c = 0; c < n; ++c) out[c] = shift_from(out[c], spread[c]);
+  }
+}
+
 // Row kernels walk pattern positions in tiles of kTile so that the per-channel patterns and
 // accumulators of a tile stay in L2 while all the block's rows stream past (only very wide
 // rows are cut: a tile narrower than a page would defeat the hardware prefetcher). kTile is
