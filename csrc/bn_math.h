@@ -300,13 +300,12 @@ template <int K, class V> FASTBN_HD void block_stats(const V* v, V& mean, V& m2)
 constexpr int kShiftSamples = 8;
 // The shift from the samples' mean m and their largest distance from it.
 template <class Acc> FASTBN_HD Acc shift_from(Acc m, Acc spread) {
-  const Acc am = m < Acc(0) ? -m : m;
+  const Acc am = std::fabs(m);  // not a branch on the sign (the compare reads -0 as +0)
   return m - m == Acc(0) && am > spread ? m : Acc(0);
 }
 // The samples' largest distance from their mean m so far, with sample v.
 template <class Acc> FASTBN_HD Acc shift_spread(Acc spread, Acc v, Acc m) {
-  const Acc d = v - m;
-  const Acc ad = d < Acc(0) ? -d : d;
+  const Acc ad = std::fabs(v - m);
   return ad > spread ? ad : spread;
 }
 // The shifts of L channels at once: load(j, v) sets v[l] to value j of channel l (called twice
