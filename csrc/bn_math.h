@@ -300,7 +300,7 @@ template <int K, class V> FASTBN_HD void block_stats(const V* v, V& mean, V& m2)
 constexpr int kShiftSamples = 8;
 // The shift from the samples' mean m and their largest distance from it.
 template <class Acc> FASTBN_HD Acc shift_from(Acc m, Acc spread) {
-  const Acc am = std::fabs(m);  // not a branch on the sign (the compare reads -0 as +0)
+  const Acc am = std::fabs(m);  // fabs, not a branch on the sign: the same compare results
   return m - m == Acc(0) && am > spread ? m : Acc(0);
 }
 // The samples' largest distance from their mean m so far, with sample v.

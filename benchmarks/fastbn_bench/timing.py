@@ -6,11 +6,11 @@ Contracts:
 - time_case(case, mode, modules, reps, min_time_s) -> (times, errors): the median ms per call of
   each module (name -> module) in `mode` on the same inputs, rotated over up to MAX_INPUT_SETS
   input sets when one call's working set is under twice the cache, each module from its own
-  place in the rotation. A module whose first call
-  raises gets an error message (name -> "Type: first line") instead of a time; OutOfMemoryError
-  propagates. On the CPU the modules' calls are interleaved, >= reps rounds, more (up to 10 x
-  reps) until min_time_s has passed, one timed call per module per round; on CUDA each module
-  is timed with CUDA events (triton's do_bench when importable), >= reps calls after warm-up.
+  place in the rotation. A module whose first call raises gets an error message (name ->
+  "Type: first line") instead of a time; OutOfMemoryError propagates. On the CPU the modules'
+  calls are interleaved, >= reps rounds, more (up to 10 x reps) until min_time_s has passed,
+  one timed call per module per round; on CUDA each module is timed with CUDA events (triton's
+  do_bench when importable), >= reps calls after warm-up.
 - Tiny cases (Case.tiny) measure the per-call host overhead, on both devices: the same
   interleaved rounds, but each sample is a batch of back-to-back calls meant to last
   >= TINY_SAMPLE_S (the batch size, at most MAX_BATCH, from the median of 5 timed calls after
@@ -155,8 +155,8 @@ def time_case(case, mode, modules, reps, min_time_s=0.0):
     calls rotate over several input sets (up to MAX_INPUT_SETS) whose total exceeds it, so
     the inputs are not cache-resident at the start of a call; each module starts at its own
     place in the rotation, so that in an interleaved round it is not handed the inputs the
-    module before it has just read. Tiny cases (Case.tiny) get the
-    host wall-clock time per call over batches of calls (see the module docstring). Returns
+    module before it has just read. Tiny cases (Case.tiny) get the host wall-clock time per
+    call over batches of calls (see the module docstring). Returns
     (times, errors): a module whose warm-up raises gets no time and an error message instead.
     """
     working_set = MODE_TENSORS[mode] * case.numel * case.torch_dtype.itemsize
