@@ -439,28 +439,20 @@ template <class Acc> inline void fold_pattern(const Acc* pat, int64_t L, int64_t
 }
 
 // stats_shift (bn_math.h) of channels [c0, c1) of rows of C values (row j at x + j * C), from rows
-// 0, 1, ...: stats_shifts' arithmetic channel by channel, in the same order (so the same bits),
-// with the rows read in memory order and the channel loops left to the compiler's vectoriser.
-// shift: [c1 - c0].
+// 0, 1, ...: bn_math.h's stats_shifts over pieces of kPiece channels, reading each row's piece in
+// memory order (a short last piece is padded with zeros, whose shifts are dropped), with the
+// channel loops vectorised by the compiler. shift: [c1 - c0].
 template <class T> void rows_shifts(const T* x, int64_t C, int64_t count, int64_t c0, int64_t c1, Stat* shift) {
-  constexpr int64_t kPiece = 256;  // channels at a time: values, sums and spreads stay in L1
-  const int K = static_cast<int>(std::min<int64_t>(count, kShiftSamples));
+  constexpr int kPiece = 256;  // channels at a time: values, sums and spreads stay in L1
   for (int64_t p0 = c0; p0 < c1; p0 += kPiece) {
-    const int64_t n = std::min(kPiece, c1 - p0);
-    Stat* out = shift + (p0 - c0);
-    Stat v[kShiftSamples][kPiece], spread[kPiece];
-    for (int64_t c = 0; c < n; ++c) out[c] = spread[c] = Stat(0);
-    if (K <= 0) continue;
-    for (int j = 0; j < K; ++j) {
+    const int64_t n = std::min<int64_t>(kPiece, c1 - p0);
+    Stat out[kPiece];
+    stats_shifts<kPiece>(count, [&](int j, Stat (&v)[kPiece]) {
       const T* row = x + j * C + p0;
-      for (int64_t c = 0; c < n; ++c) v[j][c] = static_cast<Stat>(to_acc(row[c]));
-    }
-    for (int j = 0; j < K; ++j)
-      for (int64_t c = 0; c < n; ++c) out[c] = out[c] + v[j][c];
-    for (int64_t c = 0; c < n; ++c) out[c] = out[c] / static_cast<Stat>(K);  // the samples' mean m
-    for (int j = 0; j < K; ++j)
-      for (int64_t c = 0; c < n; ++c) spread[c] = shift_spread(spread[c], v[j][c], out[c]);
-    for (int64_t c = 0; c < n; ++c) out[c] = shift_from(out[c], spread[c]);
+      for (int64_t c = 0; c < n; ++c) v[c] = static_cast<Stat>(to_acc(row[c]));
+      for (int64_t c = n; c < kPiece; ++c) v[c] = Stat(0);
+    }, out);
+    std::copy(out, out + n, shift + (p0 - c0));
   }
 }
 

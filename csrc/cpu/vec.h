@@ -112,6 +112,19 @@ inline Vec<double> where_finite(Vec<double> d, Vec<double> a, Vec<double> b) {
 
 #elif FASTBN_CPU_AVX2
 
+// load_part / store_part of an AVX2 vector V (no masked loads and stores for 16-bit values
+// there): the first n < V::W values through a V::W-value buffer.
+template <class V, class T> inline V buffered_load_part(const T* p, int n) {
+  T t[V::W] = {};
+  for (int i = 0; i < n; ++i) t[i] = p[i];
+  return V::load(t);
+}
+template <class V, class T> inline void buffered_store_part(const V& v, T* p, int n) {
+  T t[V::W];
+  v.store(t);
+  for (int i = 0; i < n; ++i) p[i] = t[i];
+}
+
 template <> struct Vec<float> {
   static constexpr int W = 8;
   __m256 v;
@@ -143,16 +156,8 @@ template <> struct Vec<float> {
   void stream(bf16* p) const { _mm_stream_si128(reinterpret_cast<__m128i*>(p), bf16_bits()); }
   void lanes(float* out) const { _mm256_storeu_ps(out, v); }
   // The first n < W values (the other lanes 0 / not written), through a buffer.
-  template <class T> static Vec load_part(const T* p, int n) {
-    T t[W] = {};
-    for (int i = 0; i < n; ++i) t[i] = p[i];
-    return load(t);
-  }
-  template <class T> void store_part(T* p, int n) const {
-    T t[W];
-    store(t);
-    for (int i = 0; i < n; ++i) p[i] = t[i];
-  }
+  template <class T> static Vec load_part(const T* p, int n) { return buffered_load_part<Vec>(p, n); }
+  template <class T> void store_part(T* p, int n) const { buffered_store_part(*this, p, n); }
 };
 
 template <> struct Vec<double> {
@@ -165,16 +170,8 @@ template <> struct Vec<double> {
   void stream(double* p) const { _mm256_stream_pd(p, v); }
   void lanes(double* out) const { _mm256_storeu_pd(out, v); }
   // The first n < W values (the other lanes 0 / not written), through a buffer.
-  template <class T> static Vec load_part(const T* p, int n) {
-    T t[W] = {};
-    for (int i = 0; i < n; ++i) t[i] = p[i];
-    return load(t);
-  }
-  template <class T> void store_part(T* p, int n) const {
-    T t[W];
-    store(t);
-    for (int i = 0; i < n; ++i) p[i] = t[i];
-  }
+  template <class T> static Vec load_part(const T* p, int n) { return buffered_load_part<Vec>(p, n); }
+  template <class T> void store_part(T* p, int n) const { buffered_store_part(*this, p, n); }
 };
 
 // (Operators at namespace scope: GCC does not apply a target pragma to in-class friends.)
