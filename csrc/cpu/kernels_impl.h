@@ -462,6 +462,25 @@ template <class T> void rows_shifts(const T* x, int64_t C, int64_t count, int64_
 // a multiple of every vector width.
 constexpr int64_t kTile = 8192;
 
+// The reductions over rows read a group of periods position by position (each position's
+// values of kChunk periods together), so within a page the addresses jump back and forth by a
+// row; the hardware prefetchers then fetch about half as fast as for a sequential read when a
+// row is 0.5-4 KB (measured on Zen 4: 8.5-12 against 18-21 GB/s a thread, cold). So each load
+// is paired with a prefetch into L2 of the value `ahead_periods` periods further on: at least
+// two groups and kPrefetchBytes ahead. Same values, same order: the results are unchanged.
+constexpr int64_t kPrefetchBytes = 16384;
+template <class T> inline int64_t ahead_periods(int64_t period_stride, int group) {
+  const int64_t group_bytes = group * period_stride * static_cast<int64_t>(sizeof(T));
+  return group * std::max<int64_t>(2, (kPrefetchBytes + group_bytes - 1) / group_bytes);
+}
+// Where the loads of the group of periods starting at period k should prefetch from: `ahead`
+// periods on, or (near the end) the group itself, which costs nothing.
+template <class T> inline const T* prefetch_base(const T* x, int64_t k, int64_t ahead, int64_t periods,
+                                                 int64_t period_stride) {
+  return x + (k + ahead < periods ? k + ahead : k) * period_stride;
+}
+template <class T> inline void prefetch_l2(const T* p) { __builtin_prefetch(p, 0, 2); }
+
 // Per-channel statistics of a block's values minus the channel's shift (`shift`: a pattern
 // of length L): mean[c] and m2[c] over `rows` rows (rows >= 1), reading the block once: each
 // pattern position keeps LaneWelford's two levels (in scratch) over chunks of up to kChunk
@@ -508,14 +527,19 @@ void rows_stats(const T* x, Rows R, const Stat* shift, Stat* mean, Stat* m2, Sta
       bn = 0;
       chunks = 0;
     };
+    const int64_t ahead = ahead_periods<T>(ld, kChunk);
     for (int64_t k = 0; k < periods; k += kChunk) {
       const int K = static_cast<int>(std::min<int64_t>(kChunk, periods - k));
       const T* xs = x + k * ld;
+      const T* pf = prefetch_base(x, k, ahead, periods, ld);
       with_count<kChunk>(K, [&](auto kc) {  // the chunk's size a constant of the position loop
         constexpr int KC = decltype(kc)::value;
         for (int64_t p = p0; p < p1; p += W) {
           V v[KC];
-          for (int j = 0; j < KC; ++j) v[j] = V::load(xs + j * ld + p);
+          for (int j = 0; j < KC; ++j) {
+            prefetch_l2(pf + j * ld + p);
+            v[j] = V::load(xs + j * ld + p);
+          }
           V sv, bm, bm2;
           if (bn) {
             sv = V::load(ps + p);
@@ -637,14 +661,19 @@ void rows_grad_sums(const T* dy, const T* x, Rows R, const acc_t<T>* mean, const
     // registers (kFresh is a multiple of kSumGroup: a group never spans a flush).
     constexpr int kSumGroup = 8;
     static_assert(kFresh % kSumGroup == 0, "a group of periods must not span a flush");
+    const int64_t ahead = ahead_periods<T>(ld, kSumGroup);
     for (int64_t k = 0; k < periods; k += kSumGroup) {
       const int n = static_cast<int>(std::min<int64_t>(kSumGroup, periods - k));
       const int64_t base = k * ld;
+      const int64_t pf = prefetch_base(x, k, ahead, periods, ld) - x;  // offset of the values to prefetch
       for (int64_t p = p0; p < p1; p += W) {
         const FwdCoef<V> kv = fwd_at<V>(mean, a, b, p, relu);
         V s1 = V::load(f1 + p), s2 = V::load(f2 + p);
         for (int j = 0; j < n; ++j) {
           const int64_t i = base + j * ld + p;
+          prefetch_l2(x + pf + j * ld + p);
+          prefetch_l2(dy + pf + j * ld + p);
+          if (has_r) prefetch_l2(r + pf + j * ld + p);
           const V xv = V::load(x + i);
           grad_sums_add(s1, s2, effective_dy(V::load(dy + i), xv, kv, load_or_zero<V>(r, i), has_r, relu), xv,
                         kv.mean);
