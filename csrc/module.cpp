@@ -2,9 +2,12 @@
 // the per-device TORCH_LIBRARY_IMPLs). It also reports how the library was built.
 #include <Python.h>
 
+#include <cstdint>
+
 namespace fastbn {
 namespace cpu {
 const char* isa_name();
+int64_t last_level_cache_bytes();
 }
 }  // namespace fastbn
 
@@ -12,6 +15,10 @@ PyObject* fastbn_cuda_launch_plan(PyObject* self, PyObject* args);  // plan_bind
 
 namespace {
 PyObject* cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(fastbn::cpu::isa_name()); }
+
+PyObject* cpu_cache_bytes(PyObject*, PyObject*) {
+  return PyLong_FromLongLong(static_cast<long long>(fastbn::cpu::last_level_cache_bytes()));
+}
 
 PyObject* built_with_cuda(PyObject*, PyObject*) {
 #ifdef FASTBN_WITH_CUDA
@@ -23,6 +30,9 @@ PyObject* built_with_cuda(PyObject*, PyObject*) {
 
 PyMethodDef methods[] = {
     {"cpu_isa", cpu_isa, METH_NOARGS, "Instruction set of the CPU kernels in use: 'avx512', 'avx2' or 'base'."},
+    {"cpu_cache_bytes", cpu_cache_bytes, METH_NOARGS,
+     "Last-level cache size in bytes the CPU kernels use: elementwise passes moving more take non-temporal "
+     "stores."},
     {"built_with_cuda", built_with_cuda, METH_NOARGS, "Whether the CUDA kernels were compiled in."},
     {"cuda_launch_plan", fastbn_cuda_launch_plan, METH_VARARGS,
      "cuda_launch_plan(N, C, S, channels_last, dtype, aligned, sm_count, registers=None): the CUDA kernel "

@@ -139,6 +139,7 @@ def test_quick_run_outputs(bench_cases, quick_run):
     assert header["torch"] == torch.__version__
     assert header["copy_gbps"] > 0
     assert "fastbn_cpu_isa" in header and "fastbn_built_with_cuda" in header
+    assert header["fastbn_cpu_cache_mb"] > 0
     assert "--quick" in header["command"]
     assert data["summary"]["fail_count"] == 0
     assert data["summary"]["not_run"] == 0

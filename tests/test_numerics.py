@@ -1,6 +1,7 @@
 """Numerical quality: large offsets (no E[x^2] - E[x]^2), determinism (bitwise across runs
 and CPU thread counts), each vector build of the CPU kernels against the baseline, and the
 non-temporal stores against plain ones."""
+import glob
 import os
 from pathlib import Path
 import subprocess
@@ -187,8 +188,9 @@ torch.save(out, __import__("sys").argv[1])
 
 def test_non_temporal_stores_same_bits(tmp_path):
     """The elementwise passes' non-temporal stores (FASTBN_CPU_STREAM=1 forces them for every
-    size; by default only outputs larger than the last-level cache stream) write exactly what
-    the plain stores write: eval and training outputs, input and residual gradients."""
+    size; by default only passes whose inputs and outputs together exceed the last-level cache
+    stream) write exactly what the plain stores write: eval and training outputs, input and
+    residual gradients."""
     results = {}
     for mode in ("0", "1"):
         path = tmp_path / f"stream{mode}.pt"
@@ -199,3 +201,27 @@ def test_non_temporal_stores_same_bits(tmp_path):
     for key, plain in results["0"].items():
         for a, b in zip(plain, results["1"][key]):
             assert torch.equal(a, b), key
+
+
+def test_cpu_cache_bytes_is_the_last_level_cache():
+    """The cache size the non-temporal stores are sized by is the highest-level data cache
+    Linux lists for CPU 0 (glibc's sysconf can report ten times the L3 in a VM), else positive."""
+    found = {}
+    root = "/sys/devices/system/cpu/cpu0/cache"
+    for index in sorted(glob.glob(os.path.join(root, "index*"))):
+        try:
+            with open(os.path.join(index, "level")) as f:
+                level = int(f.read())
+            with open(os.path.join(index, "type")) as f:
+                kind = f.read().strip()
+            with open(os.path.join(index, "size")) as f:
+                size = f.read().strip()
+        except OSError:
+            continue
+        if kind != "Instruction" and size:
+            found[level] = int(size[:-1]) << {"K": 10, "M": 20, "G": 30}[size[-1]] if size[-1] in "KMG" else int(size)
+    value = fastbn._C.cpu_cache_bytes()
+    if found:
+        assert value == found[max(found)]
+    else:
+        assert value > 0

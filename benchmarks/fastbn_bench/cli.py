@@ -157,7 +157,7 @@ def main(argv=None):
     header = run_header(device, copy_gbps, argv)
     print(f"fastbn benchmark on {header['device_name']} ({device}, {header['threads']} threads), "
           f"torch {header['torch']}, fastbn cpu_isa={header['fastbn_cpu_isa']} "
-          f"built_with_cuda={header['fastbn_built_with_cuda']}")
+          f"cpu_cache={header['fastbn_cpu_cache_mb']:g} MB built_with_cuda={header['fastbn_built_with_cuda']}")
     print(f"copy bandwidth: {copy_gbps:.1f} GB/s (dst.copy_(src) on "
           f"{(CUDA_COPY_BYTES if device == 'cuda' else CPU_COPY_BYTES) >> 20} MB, read + write counted)")
     print(f"{len(cases)} cases x {len(args.modes)} modes, >= {reps} reps per row", flush=True)

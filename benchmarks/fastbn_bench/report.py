@@ -204,6 +204,7 @@ def run_header(device, copy_gbps, argv):
         "cudnn": torch.backends.cudnn.version() if device == "cuda" else None,
         "python": platform.python_version(),
         "fastbn_cpu_isa": fastbn.cpu_isa(),
+        "fastbn_cpu_cache_mb": fastbn._C.cpu_cache_bytes() / 2**20,
         "fastbn_built_with_cuda": fastbn.built_with_cuda(),
         "copy_gbps": copy_gbps,
         "command": shlex.join(["benchmarks/bench.py"] + list(argv)),

@@ -15,9 +15,12 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <numeric>
+#include <string>
 #include <vector>
 
 #include "../dispatch.h"
@@ -26,6 +29,37 @@
 
 namespace fastbn {
 namespace cpu {
+
+// The last-level cache's size in bytes: the highest-level data cache the kernel lists for
+// CPU 0 (/sys/devices/system/cpu/cpu0/cache), else sysconf's L3 or L2, else 32 MB. sysfs comes
+// first because glibc's sysconf can be far off in a VM (320 MB for a 32 MB L3 on a 2-vCPU
+// AMD EPYC guest).
+int64_t last_level_cache_bytes() {
+  int best_level = 0;
+  int64_t best = 0;
+  for (int i = 0; i < 16; ++i) {
+    const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(i) + "/";
+    std::ifstream level_file(dir + "level"), type_file(dir + "type"), size_file(dir + "size");
+    int level = 0;
+    std::string type, size;
+    if (!(level_file >> level) || !(type_file >> type) || !(size_file >> size)) break;
+    if (type == "Instruction" || size.empty() || level < best_level) continue;
+    int64_t value = 0;
+    size_t digits = 0;
+    while (digits < size.size() && std::isdigit(static_cast<unsigned char>(size[digits])))
+      value = value * 10 + (size[digits++] - '0');
+    const char unit = digits < size.size() ? size[digits] : ' ';
+    value <<= unit == 'K' ? 10 : unit == 'M' ? 20 : unit == 'G' ? 30 : 0;
+    if (value > 0) {
+      best_level = level;
+      best = value;
+    }
+  }
+  if (best > 0) return best;
+  long v = sysconf(_SC_LEVEL3_CACHE_SIZE);
+  if (v <= 0) v = sysconf(_SC_LEVEL2_CACHE_SIZE);
+  return v > 0 ? static_cast<int64_t>(v) : int64_t(32) << 20;
+}
 
 namespace {
 
@@ -37,16 +71,15 @@ constexpr int64_t kTaskValues = 32768;   // values per parallel task, at least
 constexpr int64_t kStripChannels = 256;  // channels a channels-last strip (see RowBlocks)
 constexpr int64_t kStripMinRows = 128;   // rows a channels-last block, below which wide rows are cut into strips
 
-// Whether an elementwise pass writing `bytes` of outputs stores them non-temporally: when they
-// exceed the last-level cache, where they would only evict the inputs before being read back
-// from memory anyway. FASTBN_CPU_STREAM=0 or 1 turns it off or on for every size (read once;
-// to measure both ways).
+// Whether an elementwise pass that reads and writes `bytes` in all stores its outputs
+// non-temporally: when that exceeds the last-level cache. The output's lines are then not in
+// the cache before the pass, so a plain store first reads each one from memory (the pass
+// moves 3 tensors instead of 2 for one input and one output, 4 instead of 3 backward), and
+// only the part of the output the cache still holds afterwards is spared its next reader:
+// plain stores never move fewer bytes to and from memory. FASTBN_CPU_STREAM=0 or 1 turns it
+// off or on for every size (read once; to measure both ways).
 bool stream_outputs(int64_t bytes) {
-  static const int64_t llc = [] {
-    long v = sysconf(_SC_LEVEL3_CACHE_SIZE);
-    if (v <= 0) v = sysconf(_SC_LEVEL2_CACHE_SIZE);
-    return v > 0 ? static_cast<int64_t>(v) : int64_t(32) << 20;
-  }();
+  static const int64_t llc = last_level_cache_bytes();
   static const int forced = [] {
     const char* env = std::getenv("FASTBN_CPU_STREAM");
     return env == nullptr ? -1 : (std::strcmp(env, "0") == 0 ? 0 : 1);
@@ -54,9 +87,10 @@ bool stream_outputs(int64_t bytes) {
   return forced >= 0 ? forced == 1 : bytes > llc;
 }
 
-// stream_outputs for a pass writing `outputs` tensors shaped like the input (storage type T).
-template <class T> bool stream_for(const Geometry& g, int outputs) {
-  return stream_outputs(outputs * g.numel() * int64_t(sizeof(T)));
+// stream_outputs for a pass reading `inputs` and writing `outputs` tensors shaped like the
+// input (storage type T).
+template <class T> bool stream_for(const Geometry& g, int inputs, int outputs) {
+  return stream_outputs((inputs + outputs) * g.numel() * int64_t(sizeof(T)));
 }
 
 bool channel_per_thread(int64_t C) {
@@ -262,7 +296,7 @@ template <class T> struct PlanarDriver {
   template <class FK> void affine_planes(const T* x, T* y, const T* r, bool relu, FK&& k) const {
     std::vector<FwdCoef<Acc>> kc(U.C);
     for (int64_t c = 0; c < U.C; ++c) kc[c] = k(c);
-    const bool stream = stream_for<T>(G, 1);
+    const bool stream = stream_for<T>(G, 1 + (r != nullptr), 1);
     for_all_planes([&](int64_t c0, int64_t off, int64_t n) {
       K.planes_affine(x + off, y + off, n, U.S, c0, U.C, kc.data(), r ? r + off : nullptr, relu, stream);
     });
@@ -278,7 +312,7 @@ template <class T> struct PlanarDriver {
       kc[c] = k(c);
       gc[c] = g(c);
     }
-    const bool stream = stream_for<T>(G, (dx != nullptr) + (dr != nullptr));
+    const bool stream = stream_for<T>(G, 2 + (r != nullptr), (dx != nullptr) + (dr != nullptr));
     for_all_planes([&](int64_t c0, int64_t off, int64_t n) {
       K.planes_grad_input(dy + off, x + off, n, U.S, c0, U.C, gc.data(), kc.data(), r ? r + off : nullptr, relu,
                           stream, dx ? dx + off : nullptr, dr ? dr + off : nullptr);
@@ -482,7 +516,7 @@ template <class T> struct RowsDriver {
     const T* x = cptr<T>(o.x);
     const T* r = cptr<T>(o.residual);
     T* yp = mptr<T>(y);
-    const bool stream = stream_for<T>(G, 1);
+    const bool stream = stream_for<T>(G, 1 + (r != nullptr), 1);
     for_all_blocks([&](int64_t off, Rows rows) {
       K.rows_affine(x + off, yp + off, rows, p.mean.data(), p.a.data(), p.b.data(), r ? r + off : nullptr, o.relu,
                     stream);
@@ -542,7 +576,7 @@ template <class T> struct RowsDriver {
       centred = g.centred;
     }
     const auto pA = B.pattern(A), pB = B.pattern(Bm), pD = B.pattern(D);
-    const bool stream = stream_for<T>(G, (dx != nullptr) + (dr != nullptr));
+    const bool stream = stream_for<T>(G, 2 + (r != nullptr), (dx != nullptr) + (dr != nullptr));
     for_all_blocks([&](int64_t off, Rows rows) {
       K.rows_grad_input(dy + off, x + off, rows, p.mean.data(), pA.data(), pB.data(), pD.data(), centred, p.a.data(),
                         p.b.data(), r ? r + off : nullptr, o.relu, stream, dx ? dx + off : nullptr,
