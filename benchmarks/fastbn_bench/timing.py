@@ -29,10 +29,10 @@ import math
 import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
+import fastbn
 from fastbn.testing import TORCH_BN
 
 from .cases import MODE_TENSORS, random_tensor
@@ -135,17 +135,11 @@ def _median_ms_cuda(fn, reps):
 
 def cache_bytes(device):
     """Size of the cache input rotation must defeat: the GPU's L2 (50 MB if unknown), or the
-    CPU's last-level cache from sysfs (32 MB if unknown)."""
+    CPU's last-level cache as fastbn's CPU kernels size it (fastbn._C.cpu_cache_bytes: sysfs,
+    else sysconf, else 32 MB)."""
     if device == "cuda":
         return getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "L2_cache_size", 0) or 50 << 20
-    for index in (3, 2):
-        try:
-            text = Path(f"/sys/devices/system/cpu/cpu0/cache/index{index}/size").read_text().strip()
-        except OSError:
-            continue
-        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-        return int(text.rstrip("KMG")) * units.get(text[-1], 1)
-    return 32 << 20
+    return fastbn._C.cpu_cache_bytes()
 
 
 def time_case(case, mode, modules, reps, min_time_s=0.0):
