@@ -475,12 +475,11 @@ template <class T> inline int64_t ahead_periods(int64_t period_stride, int group
   const int64_t group_bytes = group * period_stride * static_cast<int64_t>(sizeof(T));
   return group * std::max<int64_t>(1, (kPrefetchBytes + group_bytes - 1) / group_bytes);
 }
-// Where the loads of the group of `group` periods starting at period k should prefetch from:
-// `ahead` periods on when that whole group lies in the block, else (near its end) the group
-// itself, which costs nothing: no prefetch address leaves the block.
-template <class T> inline const T* prefetch_base(const T* x, int64_t k, int64_t ahead, int64_t periods,
-                                                 int64_t period_stride, int group) {
-  return x + (k + ahead + group <= periods ? k + ahead : k) * period_stride;
+// The first period the loads of the group of `group` periods starting at period k prefetch:
+// `ahead` periods on when that whole group lies in the block, else (near its end) k itself,
+// which costs nothing: no prefetch address leaves the block.
+inline int64_t prefetch_period(int64_t k, int64_t ahead, int64_t periods, int group) {
+  return k + ahead + group <= periods ? k + ahead : k;
 }
 template <class T> inline void prefetch_l2(const T* p) { __builtin_prefetch(p, 0, 2); }
 
@@ -534,7 +533,7 @@ void rows_stats(const T* x, Rows R, const Stat* shift, Stat* mean, Stat* m2, Sta
     for (int64_t k = 0; k < periods; k += kChunk) {
       const int K = static_cast<int>(std::min<int64_t>(kChunk, periods - k));
       const T* xs = x + k * ld;
-      const T* pf = prefetch_base(x, k, ahead, periods, ld, kChunk);
+      const T* pf = x + prefetch_period(k, ahead, periods, kChunk) * ld;
       with_count<kChunk>(K, [&](auto kc) {  // the chunk's size a constant of the position loop
         constexpr int KC = decltype(kc)::value;
         for (int64_t p = p0; p < p1; p += W) {
@@ -668,7 +667,7 @@ void rows_grad_sums(const T* dy, const T* x, Rows R, const acc_t<T>* mean, const
     for (int64_t k = 0; k < periods; k += kSumGroup) {
       const int n = static_cast<int>(std::min<int64_t>(kSumGroup, periods - k));
       const int64_t base = k * ld;
-      const int64_t pf = prefetch_base(x, k, ahead, periods, ld, kSumGroup) - x;  // offset of the values to prefetch
+      const int64_t pf = prefetch_period(k, ahead, periods, kSumGroup) * ld;  // offset of the values to prefetch
       for (int64_t p = p0; p < p1; p += W) {
         const FwdCoef<V> kv = fwd_at<V>(mean, a, b, p, relu);
         V s1 = V::load(f1 + p), s2 = V::load(f2 + p);
