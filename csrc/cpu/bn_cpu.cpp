@@ -5,8 +5,9 @@
 //
 // Planar paths: when there are enough channels, each thread owns whole channels and runs
 // stats + normalise (or reduce + dx) on a channel while it is still in its cache (2 passes
-// over memory instead of 3; 3 instead of 5 backward). Otherwise units are spread over all
-// threads and merged afterwards.
+// over memory instead of 3; 3 instead of 5 backward), prefetching the channels ahead of it
+// (PlanarDriver::prefetch_units). Otherwise units are spread over all threads and merged
+// afterwards.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -19,6 +20,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <initializer_list>
 #include <numeric>
 #include <string>
 #include <vector>
@@ -68,6 +70,7 @@ constexpr int64_t kBlockValues = 65536;  // values per channels-last row block, 
 constexpr int64_t kMinBlocks = 16;       // channels-last blocks, at least (when there are rows enough)
 constexpr int64_t kMaxLaneTerms = 1024;  // periods (values a vector lane sees) per row block, at most
 constexpr int64_t kTaskValues = 32768;   // values per parallel task, at least
+constexpr int64_t kPlanarPrefetchBytes = 65536;  // fused per-channel paths: prefetch distance, at most
 constexpr int64_t kStripChannels = 256;  // channels a channels-last strip (see RowBlocks)
 constexpr int64_t kStripMinRows = 128;   // rows a channels-last block, below which wide rows are cut into strips
 
@@ -235,6 +238,32 @@ template <class T> struct PlanarDriver {
   Fold shift(const T* x, int64_t c) const {
     return stats_shift<Fold>(U.N * U.S, [&](int j) { return to_acc(x[c * U.S + channel_value_offset(j, U.C, U.S)]); });
   }
+  // Software prefetch in the fused per-channel paths. A channel's data is N planes far apart,
+  // each a short contiguous stream the hardware prefetchers pick up only after its first
+  // misses, and the channel's arithmetic is too short to hide them: so while a thread reduces
+  // a unit, it prefetches into L2 the unit `prefetch_units` units further on in its range of
+  // channels (channel by channel, unit by unit), of every tensor the reduction or its
+  // elementwise pass reads (null pointers are skipped). The distance is one channel, at most
+  // kPlanarPrefetchBytes of those tensors, at least one unit. Addresses only; no value changes.
+  int64_t prefetch_units(int tensors) const {
+    const int64_t unit_bytes = std::max<int64_t>(1, U.unit_values() * int64_t(sizeof(T)) * tensors);
+    return std::max<int64_t>(1, std::min<int64_t>(U.per_channel, kPlanarPrefetchBytes / unit_bytes));
+  }
+  // Prefetches unit j (flat: channel j / per_channel) of each non-null tensor, if j < end.
+  void prefetch_unit(std::initializer_list<const T*> tensors, int64_t j, int64_t end) const {
+    if (j >= end) return;
+    int64_t off;
+    const Run run = U.unit(j / U.per_channel, j % U.per_channel, off);
+    constexpr int64_t line = 64 / int64_t(sizeof(T));
+    for (const T* t : tensors) {
+      if (t == nullptr) continue;
+      for (int64_t k = 0; k < run.nseg; ++k) {
+        const T* p = t + off + k * run.stride;
+        for (int64_t i = 0; i < run.len; i += line) __builtin_prefetch(p + i, 0, 2);
+        __builtin_prefetch(p + run.len - 1, 0, 2);
+      }
+    }
+  }
   WelfordState<Fold> unit_stats(const T* x, int64_t c, int64_t u, Fold shift) const {
     int64_t off;
     const Run run = U.unit(c, u, off);
@@ -341,10 +370,15 @@ template <class T> struct PlanarDriver {
     const int64_t n = U.per_channel;
     if (channel_per_thread(U.C)) {
       at::parallel_for(0, U.C, channel_grain(), [&](int64_t c0, int64_t c1) {
+        const int64_t ahead = prefetch_units(1 + (r != nullptr));
+        for (int64_t j = c0 * n; j < c0 * n + ahead; ++j) prefetch_unit({x, r}, j, c1 * n);
         for (int64_t c = c0; c < c1; ++c) {
           WelfordState<Fold> s{0, 0.0, 0.0};
           const Fold sh = shift(x, c);
-          for (int64_t u = 0; u < n; ++u) s = chan_merge(s, unit_stats(x, c, u, sh));
+          for (int64_t u = 0; u < n; ++u) {
+            prefetch_unit({x, r}, c * n + u + ahead, c1 * n);
+            s = chan_merge(s, unit_stats(x, c, u, sh));
+          }
           check_finite(s, x, G, c, sh);
           add_shift(s, sh);
           finalize_stats(s, static_cast<Acc>(o.eps), m, v, is, c);
@@ -384,12 +418,16 @@ template <class T> struct PlanarDriver {
       return backward_coef(cv.st, cv.af, c, training, sums ? sdy[c] : Acc(0), sums ? sdx[c] : Acc(0), m);
     };
     if (channel_per_thread(U.C)) {
+      const T* rp = o.relu ? r : nullptr;  // the residual is read only to recompute the relu mask
       at::parallel_for(0, U.C, channel_grain(), [&](int64_t c0, int64_t c1) {
+        const int64_t ahead = prefetch_units(2 + (rp != nullptr));
+        for (int64_t j = c0 * n; j < c0 * n + ahead; ++j) prefetch_unit({x, dy, rp}, j, c1 * n);
         for (int64_t c = c0; c < c1; ++c) {
           const FwdCoef<Acc> k = cv.fwd(c);
           if (sums) {
             Fold a = 0, b = 0;
             for (int64_t u = 0; u < n; ++u) {
+              prefetch_unit({x, dy, rp}, c * n + u + ahead, c1 * n);
               Fold s1, s2;
               unit_sums(dy, x, r, o.relu, c, u, k, s1, s2);
               a += s1;
@@ -399,7 +437,10 @@ template <class T> struct PlanarDriver {
           }
           if (elementwise) {
             const BwdCoef<Acc> gk = coef(c);
-            for (int64_t u = 0; u < n; ++u) unit_grad(dy, x, r, o.relu, c, u, gk, k, dx, dr);
+            for (int64_t u = 0; u < n; ++u) {
+              if (!sums) prefetch_unit({x, dy, rp}, c * n + u + ahead, c1 * n);
+              unit_grad(dy, x, r, o.relu, c, u, gk, k, dx, dr);
+            }
           }
         }
       });
