@@ -136,48 +136,6 @@ template <class Acc> struct LaneWelford {
   }
 };
 
-// Statistics of n values in Acc (a packed run of at most kPack values, in L1) minus `shift`, in
-// double: the definition's two passes (mean, then the sum of squared deviations from it). Each
-// pass sums the run's double vectors round-robin into 4 accumulators (the last < 4 / H vectors
-// into the first ones), then the accumulators in a fixed tree and the lanes (hsum): the order
-// depends on n only.
-template <class Acc> WelfordState<Stat> packed_stats(const Acc* v, int64_t n, Stat shift) {
-  using V = Vec<Acc>;
-  constexpr int W = V::W;
-  constexpr int H = W / SVec::W;
-  constexpr int kAcc = 4;  // independent accumulators: the passes are not one chain of adds
-  const int64_t whole = n - n % W;
-  const SVec vs = SVec::set1(shift);
-  auto pass = [&](auto&& add) {
-    constexpr int G = kAcc / H;  // vectors of Acc an iteration
-    SVec acc[kAcc] = {SVec::zero(), SVec::zero(), SVec::zero(), SVec::zero()};
-    int64_t i = 0;
-    for (; i + G * W <= whole; i += G * W)
-      for (int g = 0; g < G; ++g) {
-        const V x = V::load(v + i + g * W);
-        for (int h = 0; h < H; ++h) acc[g * H + h] = add(acc[g * H + h], part_wide(x, h) - vs);
-      }
-    for (; i < whole; i += W) {
-      const V x = V::load(v + i);
-      for (int h = 0; h < H; ++h) acc[h] = add(acc[h], part_wide(x, h) - vs);
-    }
-    return hsum((acc[0] + acc[1]) + (acc[2] + acc[3]));
-  };
-  Stat sum = pass([](SVec a, SVec d) { return a + d; });
-  for (int64_t i = whole; i < n; ++i) sum = sum + (static_cast<Stat>(v[i]) - shift);
-  const Stat mean = sum / static_cast<Stat>(n);
-  const SVec vm = SVec::set1(mean);
-  Stat m2 = pass([&](SVec a, SVec x) {
-    const SVec d = x - vm;
-    return madd(d, d, a);
-  });
-  for (int64_t i = whole; i < n; ++i) {
-    const Stat d = (static_cast<Stat>(v[i]) - shift) - mean;
-    m2 = madd(d, d, m2);
-  }
-  return WelfordState<Stat>{n, mean, m2};
-}
-
 // Statistics of the run's values minus `shift` (stats_shift), reading it once (LaneWelford).
 template <class T>
 WelfordState<Stat> run_stats(const T* x, Run run, Stat shift) {
@@ -185,7 +143,8 @@ WelfordState<Stat> run_stats(const T* x, Run run, Stat shift) {
   using V = Vec<Acc>;
   constexpr int W = V::W;
   // Segments that do not end on whole vectors and fit in kPack values (small planes) are
-  // first packed end to end, widened to Acc, and their statistics taken there (packed_stats).
+  // first packed end to end, widened to Acc, and their statistics taken there as one
+  // segment: whole vectors but the last < W values, not a partial vector a segment.
   constexpr int64_t kPack = 2048;
   if (run.nseg > 1 && run.len % W != 0 && run.nseg * run.len <= kPack) {
     Acc packed[kPack];
@@ -196,7 +155,7 @@ WelfordState<Stat> run_stats(const T* x, Run run, Stat shift) {
       for (; i + W <= run.len; i += W) V::load(p + i).store(q + i);
       for (; i < run.len; ++i) q[i] = to_acc(p[i]);
     }
-    return packed_stats(packed, run.nseg * run.len, shift);
+    return run_stats<Acc>(packed, Run{1, run.nseg * run.len, 0}, shift);
   }
   SVec vs[LaneWelford<Acc>::H];
   for (auto& h : vs) h = SVec::set1(shift);
