@@ -358,6 +358,30 @@ def test_interleaved_modules_never_share_a_round_input(bench_cases, bench_pkg):
     assert b[:len(b) - n_sets // 2] == a[n_sets // 2:]
 
 
+@pytest.mark.parametrize("modules", [2, 3])
+def test_no_call_reads_the_inputs_the_call_before_it_read(bench_cases, bench_pkg, monkeypatch, modules):
+    """Where a call's working set takes 2 or 3 input sets to exceed twice the cache, the first
+    module of a round must not get the set the round's last module has just read (it did with
+    2 or 3 sets: its next set was the one the module after it was given)."""
+    timing = bench_pkg.timing
+    [case] = _bn1d_cases(bench_cases)
+    working_set = bench_cases.MODE_TENSORS["eval"] * case.numel * case.torch_dtype.itemsize
+    calls = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x):
+            calls.append(x.data_ptr())
+            return x
+
+    for sets_needed in (2, 3):
+        monkeypatch.setattr(timing, "cache_bytes", lambda device: sets_needed * working_set // 2)
+        calls.clear()
+        timing.time_case(case, "eval", {str(k): Recorder() for k in range(modules)}, reps=12)
+        rounds = calls[3 * modules:]  # after each module's first call and 2 warm-up calls
+        assert len(rounds) == 12 * modules and len(set(rounds)) == 2 * modules
+        assert all(p != q for p, q in zip(rounds, rounds[1:]))
+
+
 def test_wrong_output_is_fail_without_time(bench_cases, runner, report):
     cases = bench_cases.build_cases("cpu", quick=True, filters={"shapes": "bn2d", "dtypes": ["float32"]})
     rows = runner.run_benchmark(cases, impl_factory=_scaled_output_factory, compile_policy="none", progress=False)
