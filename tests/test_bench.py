@@ -360,9 +360,9 @@ def test_interleaved_modules_never_share_a_round_input(bench_cases, bench_pkg):
 
 @pytest.mark.parametrize("modules", [2, 3])
 def test_no_call_reads_the_inputs_the_call_before_it_read(bench_cases, bench_pkg, monkeypatch, modules):
-    """Where a call's working set takes 2 or 3 input sets to exceed twice the cache, the first
-    module of a round must not get the set the round's last module has just read (it did with
-    2 or 3 sets: its next set was the one the module after it was given)."""
+    """Where a call's working set takes 2 or 3 input sets to exceed twice the cache, no call
+    reads the set the call before it read: in particular the first module of a round does not
+    get the set the last module of the round before has just read."""
     timing = bench_pkg.timing
     [case] = _bn1d_cases(bench_cases)
     working_set = bench_cases.MODE_TENSORS["eval"] * case.numel * case.torch_dtype.itemsize

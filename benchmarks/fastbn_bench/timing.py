@@ -6,8 +6,9 @@ Contracts:
 - time_case(case, mode, modules, reps, min_time_s) -> (times, errors): the median ms per call of
   each module (name -> module) in `mode` on the same inputs, rotated over up to MAX_INPUT_SETS
   input sets (at least 2 a module) when one call's working set is under twice the cache, each
-  module from its own place in the rotation, so no call reads the inputs of the call before it. A module whose first call raises gets an error message (name ->
-  "Type: first line") instead of a time; OutOfMemoryError propagates. On the CPU the modules'
+  module from its own place in the rotation, so that no call reads the inputs of the call
+  before it. A module whose first call raises gets an error message (name -> "Type: first
+  line") instead of a time; OutOfMemoryError propagates. On the CPU the modules'
   calls are interleaved, >= reps rounds, more (up to 10 x reps) until min_time_s has passed,
   one timed call per module per round; on CUDA each module is timed with CUDA events (triton's
   do_bench when importable), >= reps calls after warm-up.
@@ -149,8 +150,9 @@ def time_case(case, mode, modules, reps, min_time_s=0.0):
     calls rotate over several input sets (up to MAX_INPUT_SETS; at least 2 a module) whose
     total exceeds it, so the inputs are not cache-resident at the start of a call; each module
     starts at its own place in the rotation, so that no call is handed the inputs the call
-    before it has just read (the first module of a round follows the last of the round before). Tiny cases (Case.tiny) get the host wall-clock time per
-    call over batches of calls (see the module docstring). Returns
+    before it has just read (the first module of a round follows the last of the round
+    before). Tiny cases (Case.tiny) get the host wall-clock time per call over batches of calls
+    (see the module docstring). Returns
     (times, errors): a module whose warm-up raises gets no time and an error message instead.
     """
     working_set = MODE_TENSORS[mode] * case.numel * case.torch_dtype.itemsize
@@ -158,7 +160,7 @@ def time_case(case, mode, modules, reps, min_time_s=0.0):
     if n_sets > 1:
         # At least 2 sets a module, so module k + 1 starts >= 2 sets after module k: then the
         # first module of a round, one set on from its last, is not handed the set the last
-        # module of the round before has just read either (with 2 or 3 sets for 2 modules it was).
+        # module of the round before has just read either.
         n_sets = min(MAX_INPUT_SETS, max(n_sets, 2 * len(modules)))
     grad = mode == "fwdbwd"
     inputs = [(random_tensor(case, 100 + i, requires_grad=grad), random_tensor(case, 200 + i) if grad else None)
