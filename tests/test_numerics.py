@@ -167,7 +167,7 @@ import torch, fastbn, fastbn.functional as FF
 from fastbn.testing import acc_dtype
 torch.manual_seed(3)
 out = {}
-for shape in ((4, 32, 16, 16), (2, 48, 7, 7), (64, 96)):
+for shape in ((4, 32, 16, 16), (2, 4, 48, 48), (2, 48, 7, 7), (64, 96)):
     for dt in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
         for cl in (False, True) if len(shape) == 4 else (False,):
             x = torch.randn(*shape, dtype=torch.float64).to(dt)
@@ -181,23 +181,28 @@ for shape in ((4, 32, 16, 16), (2, 48, 7, 7), (64, 96)):
             r = torch.randn_like(x).requires_grad_()
             yt = FF.batch_norm(xg, None, None, w, b, training=True, activation="relu", residual=r)
             yt.backward(torch.randn_like(yt))
-            out[(shape, str(dt), cl)] = (ye, yt.detach(), xg.grad, r.grad)
+            xp = x.clone().requires_grad_()
+            yp = FF.batch_norm(xp, None, None, w, b, training=True)
+            yp.backward(torch.randn_like(yp))
+            out[(shape, str(dt), cl)] = (ye, yt.detach(), xg.grad, r.grad, yp.detach(), xp.grad)
 torch.save(out, __import__("sys").argv[1])
 """
 
 
 def test_non_temporal_stores_same_bits(tmp_path):
-    """The elementwise passes' non-temporal stores (FASTBN_CPU_STREAM=1 forces them for every
-    size; by default only passes whose inputs and outputs together exceed the last-level cache
-    stream) write exactly what the plain stores write: eval and training outputs, input and
-    residual gradients."""
+    """The non-temporal stores of the elementwise passes and of the fused per-channel planar
+    passes (FASTBN_CPU_STREAM=1 forces them for every size; by default only passes whose inputs
+    and outputs together exceed the last-level cache stream) write exactly what the plain
+    stores write: eval and training outputs, input and residual gradients, with and without
+    the fused relu and residual; planes of one run and of several (48x48), and planes not a
+    whole number of cache lines (7x7, which never stream)."""
     results = {}
     for mode in ("0", "1"):
         path = tmp_path / f"stream{mode}.pt"
         env = dict(os.environ, FASTBN_CPU_STREAM=mode)
         subprocess.run([sys.executable, "-c", _STREAM_SCRIPT, str(path)], check=True, env=env, timeout=300)
         results[mode] = torch.load(path)
-    assert results["0"].keys() == results["1"].keys() and len(results["0"]) == 20
+    assert results["0"].keys() == results["1"].keys() and len(results["0"]) == 28
     for key, plain in results["0"].items():
         for a, b in zip(plain, results["1"][key]):
             assert torch.equal(a, b), key

@@ -31,11 +31,14 @@ template <class T> struct Kernels {
   // passes compute in Acc.
   // Statistics of the values minus a per-channel shift (bn_math.h stats_shift).
   WelfordState<double> (*run_stats)(const T* x, Run run, double shift);
-  void (*run_affine)(const T* x, T* y, Run run, FwdCoef<Acc> k, const T* r, bool relu);
+  // The one-run elementwise passes take `stream` (non-temporal stores of the outputs, as below);
+  // the caller then calls stream_fence once after its last run.
+  void (*run_affine)(const T* x, T* y, Run run, FwdCoef<Acc> k, const T* r, bool relu, bool stream);
   void (*run_grad_sums)(const T* dy, const T* x, Run run, FwdCoef<Acc> k, const T* r, bool relu, double& sum_dy,
                         double& sum_dy_xmu);
   void (*run_grad_input)(const T* dy, const T* x, Run run, BwdCoef<Acc> g, FwdCoef<Acc> k, const T* r, bool relu,
-                         T* dx, T* dr);
+                         bool stream, T* dx, T* dr);
+  void (*stream_fence)();  // orders the calling thread's non-temporal stores before what follows
   // Elementwise passes over `planes` consecutive planes of S values, the first of channel c0
   // (plane j of channel (c0 + j) % C); k, g: per-channel coefficients [C]. These and the row
   // passes take `stream`: non-temporal stores of the outputs (bn_cpu.cpp stream_outputs).

@@ -352,15 +352,16 @@ void grad_values(const T* dy, const T* x, Run run, BwdCoef<acc_t<T>> g, FwdCoef<
   });
 }
 
-// The table's one-run entries (the outputs stored plainly: the fused per-channel passes write
-// them while the channel's inputs are still in cache, where non-temporal stores measured slower).
-template <class T> void run_affine(const T* x, T* y, Run run, FwdCoef<acc_t<T>> k, const T* r, bool relu) {
-  affine_values(x, y, run, k, r, relu, false);
+// The table's one-run entries. `stream`: as affine_values; the caller fences once after its
+// last run (stream_fence), not after each.
+template <class T>
+void run_affine(const T* x, T* y, Run run, FwdCoef<acc_t<T>> k, const T* r, bool relu, bool stream) {
+  affine_values(x, y, run, k, r, relu, stream);
 }
 template <class T>
 void run_grad_input(const T* dy, const T* x, Run run, BwdCoef<acc_t<T>> g, FwdCoef<acc_t<T>> k, const T* r, bool relu,
-                    T* dx, T* dr) {
-  grad_values(dy, x, run, g, k, r, relu, false, dx, dr);
+                    bool stream, T* dx, T* dr) {
+  grad_values(dy, x, run, g, k, r, relu, stream, dx, dr);
 }
 
 // The elementwise passes over `planes` consecutive planes of S values (the planar layout's
