@@ -70,8 +70,8 @@ template <class T> const Kernels<T>& avx512_kernels();
 // (base, avx2 or avx512; read once).
 template <class T> const Kernels<T>& kernels();
 const char* isa_name();  // "avx512", "avx2" or "base"
-// Size of the last-level cache in bytes (bn_cpu.cpp): above it, the elementwise passes' traffic
-// takes non-temporal stores.
+// Size of the last-level cache in bytes (bn_cpu.cpp): a pass whose traffic exceeds it takes
+// non-temporal stores.
 int64_t last_level_cache_bytes();
 
 }  // namespace cpu

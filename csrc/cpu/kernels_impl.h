@@ -217,7 +217,8 @@ template <class F> inline void with_flags(bool a, bool b, F&& f) {
 }
 
 // y = act((x - mean) * a + b [+ r]), one channel. y and r are laid out like x. `stream`:
-// non-temporal stores where aligned (put); the caller fences (planes_affine).
+// non-temporal stores where aligned (put); the caller fences (planes_affine, or the driver
+// after its last run_affine).
 template <class T>
 void affine_values(const T* x, T* y, Run run, FwdCoef<acc_t<T>> k, const T* r, bool relu, bool stream) {
   using Acc = acc_t<T>;
