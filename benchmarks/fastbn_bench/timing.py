@@ -5,13 +5,16 @@ processes took during a run.
 Contracts:
 - time_case(case, mode, modules, reps, min_time_s) -> (times, errors): the median ms per call of
   each module (name -> module) in `mode` on the same inputs, rotated over up to MAX_INPUT_SETS
-  input sets (at least 2 a module) when one call's working set is under twice the cache, each
-  module from its own place in the rotation, so that no call reads the inputs of the call
-  before it. A module whose first call raises gets an error message (name -> "Type: first
-  line") instead of a time; OutOfMemoryError propagates. On the CPU the modules'
-  calls are interleaved, >= reps rounds, more (up to 10 x reps) until min_time_s has passed,
-  one timed call per module per round; on CUDA each module is timed with CUDA events (triton's
-  do_bench when importable), >= reps calls after warm-up.
+  input sets when one call's working set is under twice the cache: one rotation shared by every
+  call of every module, so each call reads the set read longest ago, never one the calls just
+  before it read. A module whose first call raises gets an error message (name -> "Type: first
+  line") instead of a time; OutOfMemoryError propagates. On the CPU the modules' calls are
+  interleaved, >= reps rounds, more (up to 10 x reps) until min_time_s has passed; in a round
+  each module makes an untimed lead-in call and then its timed one, so no timed call follows a
+  call of another module (whose aftermath, freed memory the allocator returned to the system
+  and dirty cache lines, it would otherwise pay: as in a model whose BatchNorm layers are all
+  one library's). On CUDA each module is timed with CUDA events (triton's do_bench when
+  importable), >= reps calls after warm-up.
 - Tiny cases (Case.tiny) measure the per-call host overhead, on both devices: the same
   interleaved rounds, but each sample is a batch of back-to-back calls meant to last
   >= TINY_SAMPLE_S (the batch size, at most MAX_BATCH, from the median of 5 timed calls after
@@ -85,9 +88,12 @@ def _median_ms_wall(fns, reps, min_time_s=0.0, warmup=2, min_sample_s=0.0, sync=
 
     Calls are interleaved (one sample of each function per round) so that a load change on
     the machine hits all of them alike; at least `reps` rounds, more (up to 10 * reps) until
-    `min_time_s` has passed. A sample is one call when min_sample_s is 0; else a batch of
-    calls meant to last >= min_sample_s (see _batch_size), its time divided by the batch size.
-    `sync` (e.g. torch.cuda.synchronize) ends each sample, inside the timed span.
+    `min_time_s` has passed. Each sample comes right after an untimed lead-in call of the same
+    function, so that it does not pay for what the function before it left behind (memory the
+    allocator gave back to the system, which the next allocation faults in again; dirty cache
+    lines). A sample is one call when min_sample_s is 0; else a batch of calls meant to last
+    >= min_sample_s (see _batch_size), its time divided by the batch size. `sync` (e.g.
+    torch.cuda.synchronize) ends each sample, inside the timed span.
     """
     batches = {}
     for name, fn in fns.items():
@@ -99,6 +105,7 @@ def _median_ms_wall(fns, reps, min_time_s=0.0, warmup=2, min_sample_s=0.0, sync=
     rounds = 0
     while rounds < reps or (time.perf_counter() - start < min_time_s and rounds < 10 * reps):
         for name, fn in fns.items():
+            _time_batch(fn, 1, sync)  # the lead-in call
             samples[name].append(_time_batch(fn, batches[name], sync) / batches[name])
         rounds += 1
     return {name: statistics.median(s) * 1e3 for name, s in samples.items()}
@@ -147,32 +154,24 @@ def time_case(case, mode, modules, reps, min_time_s=0.0):
     """Median time in ms per call of each module (name -> module) in `mode`, on the same inputs.
 
     When one call's working set is smaller than twice the cache (GPU L2, CPU last level),
-    calls rotate over several input sets (up to MAX_INPUT_SETS; at least 2 a module) whose
-    total exceeds it, so the inputs are not cache-resident at the start of a call; each module
-    starts at its own place in the rotation, so that no call is handed the inputs the call
-    before it has just read (the first module of a round follows the last of the round
-    before). Tiny cases (Case.tiny) get the host wall-clock time per call over batches of calls
-    (see the module docstring). Returns
-    (times, errors): a module whose warm-up raises gets no time and an error message instead.
+    calls rotate over several input sets (up to MAX_INPUT_SETS) whose total exceeds it, so the
+    inputs are not cache-resident at the start of a call. The rotation is one cycle shared by
+    the calls of every module, in the order they are made: each call reads the set read
+    longest ago, never the set of any of the n_sets - 1 calls before it. Tiny cases
+    (Case.tiny) get the host wall-clock time per call over batches of calls (see the module
+    docstring). Returns (times, errors): a module whose warm-up raises gets no time and an
+    error message instead.
     """
     working_set = MODE_TENSORS[mode] * case.numel * case.torch_dtype.itemsize
     n_sets = max(1, min(MAX_INPUT_SETS, math.ceil(2 * cache_bytes(case.device) / working_set)))
-    if n_sets > 1:
-        # At least 2 sets a module, so module k + 1 starts >= 2 sets after module k: then the
-        # first module of a round, one set on from its last, is not handed the set the last
-        # module of the round before has just read either.
-        n_sets = min(MAX_INPUT_SETS, max(n_sets, 2 * len(modules)))
     grad = mode == "fwdbwd"
     inputs = [(random_tensor(case, 100 + i, requires_grad=grad), random_tensor(case, 200 + i) if grad else None)
               for i in range(n_sets)]
+    sets = itertools.cycle(inputs)
     fns, errors = {}, {}
-    for k, (name, module) in enumerate(modules.items()):
-        # Module k starts k / len(modules) of the way round the cycle: with the calls interleaved,
-        # no module is handed inputs another module's call has just brought into the cache.
-        start = k * n_sets // len(modules)
-        sets = itertools.cycle(inputs[start:] + inputs[:start])
+    for name, module in modules.items():
 
-        def fn(module=module, sets=sets):
+        def fn(module=module):
             step(module, mode, *next(sets))
 
         try:
