@@ -11,6 +11,9 @@ namespace fastbn {
 namespace cpu {
 
 // Planar run: nseg segments of len contiguous values of one channel, stride values apart.
+// The table's run_* entries take it by reference: by value (24 bytes) it is copied through the
+// stack, and the copy's 16-byte load waits for the caller's 8-byte stores (a store-forwarding
+// stall on every call: 3-4% of the samples of a 7x7 bfloat16 forward).
 struct Run {
   int64_t nseg, len, stride;
 };
@@ -30,13 +33,13 @@ template <class T> struct Kernels {
   // Statistics and backward sums are merged in double (see kernels_impl.h); the elementwise
   // passes compute in Acc.
   // Statistics of the values minus a per-channel shift (bn_math.h stats_shift).
-  WelfordState<double> (*run_stats)(const T* x, Run run, double shift);
+  WelfordState<double> (*run_stats)(const T* x, const Run& run, double shift);
   // The one-run elementwise passes take `stream` (non-temporal stores of the outputs, as below);
   // the caller then calls stream_fence once after its last run.
-  void (*run_affine)(const T* x, T* y, Run run, FwdCoef<Acc> k, const T* r, bool relu, bool stream);
-  void (*run_grad_sums)(const T* dy, const T* x, Run run, FwdCoef<Acc> k, const T* r, bool relu, double& sum_dy,
+  void (*run_affine)(const T* x, T* y, const Run& run, FwdCoef<Acc> k, const T* r, bool relu, bool stream);
+  void (*run_grad_sums)(const T* dy, const T* x, const Run& run, FwdCoef<Acc> k, const T* r, bool relu, double& sum_dy,
                         double& sum_dy_xmu);
-  void (*run_grad_input)(const T* dy, const T* x, Run run, BwdCoef<Acc> g, FwdCoef<Acc> k, const T* r, bool relu,
+  void (*run_grad_input)(const T* dy, const T* x, const Run& run, BwdCoef<Acc> g, FwdCoef<Acc> k, const T* r, bool relu,
                          bool stream, T* dx, T* dr);
   void (*stream_fence)();  // orders the calling thread's non-temporal stores before what follows
   // Elementwise passes over `planes` consecutive planes of S values, the first of channel c0

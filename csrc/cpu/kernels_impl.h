@@ -138,7 +138,7 @@ template <class Acc> struct LaneWelford {
 
 // Statistics of the run's values minus `shift` (stats_shift), reading it once (LaneWelford).
 template <class T>
-WelfordState<Stat> run_stats(const T* x, Run run, Stat shift) {
+WelfordState<Stat> run_stats(const T* x, const Run& run, Stat shift) {
   using Acc = acc_t<T>;
   using V = Vec<Acc>;
   constexpr int W = V::W;
@@ -253,7 +253,7 @@ constexpr int kFresh = 16;
 
 // sum dy_eff and sum dy_eff * (x - mean) over one run of one channel (effective_dy).
 template <class T>
-void run_grad_sums(const T* dy, const T* x, Run run, FwdCoef<acc_t<T>> k, const T* r, bool relu, Stat& sum_dy,
+void run_grad_sums(const T* dy, const T* x, const Run& run, FwdCoef<acc_t<T>> k, const T* r, bool relu, Stat& sum_dy,
                    Stat& sum_dy_xmu) {
   using Acc = acc_t<T>;
   using V = Vec<Acc>;
@@ -356,11 +356,11 @@ void grad_values(const T* dy, const T* x, Run run, BwdCoef<acc_t<T>> g, FwdCoef<
 // The table's one-run entries. `stream`: as affine_values; the caller fences once after its
 // last run (stream_fence), not after each.
 template <class T>
-void run_affine(const T* x, T* y, Run run, FwdCoef<acc_t<T>> k, const T* r, bool relu, bool stream) {
+void run_affine(const T* x, T* y, const Run& run, FwdCoef<acc_t<T>> k, const T* r, bool relu, bool stream) {
   affine_values(x, y, run, k, r, relu, stream);
 }
 template <class T>
-void run_grad_input(const T* dy, const T* x, Run run, BwdCoef<acc_t<T>> g, FwdCoef<acc_t<T>> k, const T* r, bool relu,
+void run_grad_input(const T* dy, const T* x, const Run& run, BwdCoef<acc_t<T>> g, FwdCoef<acc_t<T>> k, const T* r, bool relu,
                     bool stream, T* dx, T* dr) {
   grad_values(dy, x, run, g, k, r, relu, stream, dx, dr);
 }
