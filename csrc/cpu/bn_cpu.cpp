@@ -97,6 +97,10 @@ template <class T> bool stream_for(const Geometry& g, int inputs, int outputs) {
   return stream_outputs((inputs + outputs) * g.numel() * int64_t(sizeof(T)));
 }
 
+// Tensors shaped like the input that a backward pass reads: x and dy, and the residual only
+// under relu (to recompute the relu mask; effective_dy ignores it otherwise).
+inline int backward_reads(const void* r, bool relu) { return 2 + (relu && r != nullptr); }
+
 bool channel_per_thread(int64_t C) {
   const int64_t nt = at::get_num_threads();
   return C >= nt && (C % nt == 0 || C >= 4 * nt);
@@ -350,7 +354,7 @@ template <class T> struct PlanarDriver {
       kc[c] = k(c);
       gc[c] = g(c);
     }
-    const bool stream = this->stream(2 + (r != nullptr), (dx != nullptr) + (dr != nullptr));
+    const bool stream = this->stream(backward_reads(r, relu), (dx != nullptr) + (dr != nullptr));
     for_all_planes([&](int64_t c0, int64_t off, int64_t n) {
       K.planes_grad_input(dy + off, x + off, n, U.S, c0, U.C, gc.data(), kc.data(), r ? r + off : nullptr, relu,
                           stream, dx ? dx + off : nullptr, dr ? dr + off : nullptr);
@@ -430,9 +434,9 @@ template <class T> struct PlanarDriver {
     };
     if (channel_per_thread(U.C)) {
       const T* rp = o.relu ? r : nullptr;  // the residual is read only to recompute the relu mask
-      const bool nt = stream(2 + (rp != nullptr), (dx != nullptr) + (dr != nullptr));
+      const bool nt = stream(backward_reads(r, o.relu), (dx != nullptr) + (dr != nullptr));
       at::parallel_for(0, U.C, channel_grain(), [&](int64_t c0, int64_t c1) {
-        const int64_t ahead = prefetch_units(2 + (rp != nullptr));
+        const int64_t ahead = prefetch_units(backward_reads(r, o.relu));
         for (int64_t j = c0 * n; j < c0 * n + ahead; ++j) prefetch_unit({x, dy, rp}, j, c1 * n);
         for (int64_t c = c0; c < c1; ++c) {
           const FwdCoef<Acc> k = cv.fwd(c);
@@ -630,7 +634,7 @@ template <class T> struct RowsDriver {
       centred = g.centred;
     }
     const auto pA = B.pattern(A), pB = B.pattern(Bm), pD = B.pattern(D);
-    const bool stream = stream_for<T>(G, 2 + (r != nullptr), (dx != nullptr) + (dr != nullptr));
+    const bool stream = stream_for<T>(G, backward_reads(r, o.relu), (dx != nullptr) + (dr != nullptr));
     for_all_blocks([&](int64_t off, Rows rows) {
       K.rows_grad_input(dy + off, x + off, rows, p.mean.data(), pA.data(), pB.data(), pD.data(), centred, p.a.data(),
                         p.b.data(), r ? r + off : nullptr, o.relu, stream, dx ? dx + off : nullptr,
