@@ -29,7 +29,7 @@ PyObject* built_with_cuda(PyObject*, PyObject*) {
 }
 
 PyMethodDef methods[] = {
-    {"cpu_isa", cpu_isa, METH_NOARGS, "Instruction set of the CPU kernels in use: 'avx512', 'avx2' or 'base'."},
+    {"cpu_isa", cpu_isa, METH_NOARGS, "Instruction set of the CPU kernels in use: 'avx512bf16', 'avx512', 'avx2' or 'base'."},
     {"cpu_cache_bytes", cpu_cache_bytes, METH_NOARGS,
      "Last-level cache size in bytes the CPU kernels use: elementwise passes moving more take non-temporal "
      "stores."},

@@ -24,8 +24,9 @@ register_fusers()
 
 
 def cpu_isa():
-    """Instruction set of the CPU kernels in use: ``'avx512'``, ``'avx2'`` or ``'base'`` (the best this CPU
-    has, capped by the environment variable ``FASTBN_CPU_ISA``)."""
+    """Instruction set of the CPU kernels in use: ``'avx512bf16'`` (AVX-512 with hardware bfloat16
+    rounding; the bfloat16 kernels use it, the others are the AVX-512 ones), ``'avx512'``, ``'avx2'``
+    or ``'base'`` (the best this CPU has, capped by the environment variable ``FASTBN_CPU_ISA``)."""
     from . import _C
 
     return _C.cpu_isa()

@@ -125,11 +125,13 @@ def _isa_expected(isa):
     best = "base"
     if {"avx2", "fma", "f16c"} <= flags:
         best = "avx512" if {"avx512f", "avx512bw", "avx512vl"} <= flags else "avx2"
-    order = ["base", "avx2", "avx512"]
+        if best == "avx512" and {"avx512dq", "avx512_bf16"} <= flags:
+            best = "avx512bf16"
+    order = ["base", "avx2", "avx512", "avx512bf16"]
     return order[min(order.index(isa), order.index(best))]
 
 
-@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+@pytest.mark.parametrize("isa", ["avx2", "avx512", "avx512bf16"])
 def test_isa_matches_baseline(tmp_path, isa):
     """Each vector build (FASTBN_CPU_ISA caps the choice) gives the baseline (any x86-64)
     kernels' results, to rounding; skipped where this CPU lacks the instruction set."""
@@ -156,10 +158,75 @@ def test_isa_matches_baseline(tmp_path, isa):
 
 def test_isa_choice_follows_cpu_and_cap():
     """fastbn.cpu_isa() is the best instruction set the CPU has, capped by FASTBN_CPU_ISA."""
-    for cap in ("base", "avx2", "avx512"):
+    for cap in ("base", "avx2", "avx512", "avx512bf16"):
         out = subprocess.run([sys.executable, "-c", "import fastbn; print(fastbn.cpu_isa())"], check=True,
                              env=dict(os.environ, FASTBN_CPU_ISA=cap), capture_output=True, text=True, timeout=300)
         assert out.stdout.strip() == _isa_expected(cap)
+
+
+_BF16_SCRIPT = r"""
+import sys, torch, fastbn, fastbn.functional as FF
+torch.manual_seed(11)
+out = {"isa": fastbn.cpu_isa()}
+nan = float("nan")
+for shape in ((4, 32, 9, 9), (2, 48, 20, 20), (64, 96)):
+    for cl in (False, True) if len(shape) == 4 else (False,):
+        C = shape[1]
+        fmt = torch.channels_last if cl else torch.contiguous_format
+        x0 = (torch.randn(*shape, dtype=torch.float64) * 2 + 1).bfloat16()
+        x = x0.clone()
+        x.view(-1)[::97] = nan
+        x.view(torch.int16).view(-1)[5::97] = -64  # 0xFFC0: a NaN with the sign bit set
+        x.view(torch.int16).view(-1)[9::97] = 0x7F81  # a signalling NaN with a payload
+        x = x.contiguous(memory_format=fmt)
+        r = torch.randn_like(x)
+        # Weights of 1e-39 (a float denormal) in every third channel: outputs there are float
+        # denormals, which the hardware rounding would flush to zero.
+        w = torch.rand(C) + .5
+        w[::3] = 1e-39
+        b = torch.randn(C)
+        b[::3] = 0
+        rm, rv = torch.randn(C), torch.rand(C) + .5
+        key = (shape, cl)
+        out[key + ("eval",)] = FF.batch_norm(x, rm, rv, w, b, training=False)
+        out[key + ("eval relu",)] = FF.batch_norm(x, rm, rv, w, b, training=False, activation="relu", residual=r)
+        # Training: a NaN input or gradient makes its whole channel NaN; one of each.
+        xt = x0.clone()
+        xt.view(torch.int16).view(-1)[5] = -64
+        xt = xt.contiguous(memory_format=fmt).requires_grad_()
+        y = FF.batch_norm(xt, None, None, w, b, training=True)
+        g = torch.randn(*shape).bfloat16()
+        g.view(-1)[7 * shape[-1] + 1] = nan
+        y.backward(g.contiguous(memory_format=fmt))
+        out[key + ("train",)] = y.detach()
+        out[key + ("grad",)] = xt.grad
+torch.save(out, sys.argv[1])
+"""
+
+
+def test_bf16_hardware_rounding_same_bits(tmp_path):
+    """The avx512bf16 kernels (hardware float -> bfloat16 rounding) write the same bits as the
+    avx512 ones, also where the instruction alone would not: NaN lanes (either sign: the kernels
+    write 0x7FC0) and float-denormal lanes (the instruction flushes them to zero)."""
+    if _isa_expected("avx512bf16") != "avx512bf16":
+        pytest.skip("this CPU has no AVX512_BF16")
+    results = {}
+    for name in ("avx512", "avx512bf16"):
+        path = tmp_path / f"{name}.pt"
+        subprocess.run([sys.executable, "-c", _BF16_SCRIPT, str(path)], check=True,
+                       env=dict(os.environ, FASTBN_CPU_ISA=name), timeout=300)
+        results[name] = torch.load(path)
+        assert results[name]["isa"] == name
+    nans = denormals = 0
+    for key, want in results["avx512"].items():
+        if key == "isa":
+            continue
+        got = results["avx512bf16"][key]
+        bits = want.view(torch.int16)
+        nans += int(want.isnan().sum())
+        denormals += int(((bits & 0x7F80) == 0).logical_and((bits & 0x7F) != 0).sum())
+        assert torch.equal(got.view(torch.int16), bits), key
+    assert nans > 100 and denormals > 100  # both kinds of lane were written
 
 
 _STREAM_SCRIPT = r"""

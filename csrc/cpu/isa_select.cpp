@@ -1,6 +1,8 @@
 // Run-time choice of the CPU kernel table.
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "kernels.h"
 
@@ -8,9 +10,10 @@ namespace fastbn {
 namespace cpu {
 
 namespace {
-enum class Isa { base, avx2, avx512 };
+enum class Isa { base, avx2, avx512, avx512bf16 };
 
-// The best instruction set this CPU has, capped by FASTBN_CPU_ISA (base, avx2, avx512).
+// The best instruction set this CPU has, capped by FASTBN_CPU_ISA (base, avx2, avx512 or
+// avx512bf16; any other value caps nothing).
 Isa isa() {
   static const Isa chosen = [] {
     Isa best = Isa::base;
@@ -20,12 +23,16 @@ Isa isa() {
       const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512vl");
       best = avx512 ? Isa::avx512 : Isa::avx2;
+      if (avx512 && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bf16")) best = Isa::avx512bf16;
     }
 #endif
     const char* env = std::getenv("FASTBN_CPU_ISA");
-    if (env != nullptr && std::strcmp(env, "base") == 0) return Isa::base;
-    if (env != nullptr && std::strcmp(env, "avx2") == 0 && best == Isa::avx512) return Isa::avx2;
-    return best;
+    const Isa cap = env == nullptr                    ? Isa::avx512bf16
+                    : std::strcmp(env, "base") == 0   ? Isa::base
+                    : std::strcmp(env, "avx2") == 0   ? Isa::avx2
+                    : std::strcmp(env, "avx512") == 0 ? Isa::avx512
+                                                      : Isa::avx512bf16;
+    return std::min(best, cap);
   }();
   return chosen;
 }
@@ -33,6 +40,9 @@ Isa isa() {
 
 template <class T> const Kernels<T>& kernels() {
   switch (isa()) {
+    case Isa::avx512bf16:
+      if constexpr (std::is_same_v<T, bf16>) return avx512bf16_kernels<T>();
+      return avx512_kernels<T>();
     case Isa::avx512: return avx512_kernels<T>();
     case Isa::avx2: return avx2_kernels<T>();
     default: return base_kernels<T>();
@@ -45,6 +55,7 @@ template const Kernels<bf16>& kernels<bf16>();
 
 const char* isa_name() {
   switch (isa()) {
+    case Isa::avx512bf16: return "avx512bf16";
     case Isa::avx512: return "avx512";
     case Isa::avx2: return "avx2";
     default: return "base";

@@ -63,16 +63,19 @@ template <class T> struct Kernels {
                           T* dx, T* dr);
 };
 
-// Defined in isa_base.cpp / isa_avx2.cpp / isa_avx512.cpp for T = float, double, f16, bf16.
+// Defined in isa_base.cpp / isa_avx2.cpp / isa_avx512.cpp for T = float, double, f16, bf16, and
+// in isa_avx512bf16.cpp for T = bf16 only (the other types have nothing to gain from it).
 template <class T> const Kernels<T>& base_kernels();
 template <class T> const Kernels<T>& avx2_kernels();
 template <class T> const Kernels<T>& avx512_kernels();
+template <class T> const Kernels<T>& avx512bf16_kernels();
 
-// The table for this CPU: the best of AVX-512 (AVX-512F/BW/VL with AVX2, FMA, F16C), AVX2 (AVX2,
-// FMA, F16C) and the baseline it has, capped by the environment variable FASTBN_CPU_ISA
-// (base, avx2 or avx512; read once).
+// The table for this CPU: the best of AVX-512 with AVX512_BF16 (bfloat16 tensors; the others take
+// the AVX-512 table), AVX-512 (AVX-512F/BW/VL with AVX2, FMA, F16C), AVX2 (AVX2, FMA, F16C) and
+// the baseline it has, capped by the environment variable FASTBN_CPU_ISA (base, avx2, avx512
+// or avx512bf16; read once).
 template <class T> const Kernels<T>& kernels();
-const char* isa_name();  // "avx512", "avx2" or "base"
+const char* isa_name();  // "avx512bf16", "avx512", "avx2" or "base"
 // Size of the last-level cache in bytes (bn_cpu.cpp): a pass whose traffic exceeds it takes
 // non-temporal stores.
 int64_t last_level_cache_bytes();

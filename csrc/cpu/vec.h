@@ -8,7 +8,8 @@
 // f16, bf16) and widens them; store(p) rounds to the storage type (round to nearest even);
 // stream(p) stores the same non-temporally (p aligned to W values; a plain store in the
 // baseline unit); load_part / store_part do the same as load / store for the first n < W values
-// (vector tails). The free functions madd (fused in the AVX2 and AVX-512 units), where_finite,
+// (vector tails). With FASTBN_CPU_AVX512_BF16 (the AVX-512 unit built with AVX512_BF16) the
+// float -> bfloat16 rounding is one instruction where that gives the same bits. The free functions madd (fused in the AVX2 and AVX-512 units), where_finite,
 // relu_value and where_positive are bn_math.h's scalar ones lane by lane, so bn_math.h's
 // formulas take a Vec as their value type.
 #pragma once
@@ -37,6 +38,12 @@ template <> struct Vec<float> {
   void store(float* p) const { _mm512_storeu_ps(p, v); }
   __m256i f16_bits() const { return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
   __m256i bf16_bits() const {  // round to nearest even; NaN -> 0x7FC0 (bn_math.h's scalar rule)
+#if FASTBN_CPU_AVX512_BF16
+    // VCVTNEPS2BF16 rounds to nearest even too, but reads a denormal as zero and keeps a NaN's
+    // sign and payload: a vector with a NaN or denormal lane (fpclass: QNaN 0x01, denormal
+    // 0x20, SNaN 0x80) takes the integer rounding below, so the bits are the same either way.
+    if (__builtin_expect(_mm512_fpclass_ps_mask(v, 0xA1) == 0, 1)) return (__m256i)_mm512_cvtneps_pbh(v);
+#endif
     const __m512i u = _mm512_castps_si512(v);
     const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
     __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
