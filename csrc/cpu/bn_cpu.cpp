@@ -91,6 +91,14 @@ bool stream_outputs(int64_t bytes) {
   return forced >= 0 ? forced == 1 : bytes > llc;
 }
 
+// Whether a channels-last elementwise pass prefetches inputs of `bytes` in all: unless a
+// reduction pass has just read them (`just_read`) and they fit in the last-level cache, where
+// that pass left them (kernels_impl.h AheadInBlock; measured slower there).
+bool prefetch_inputs(bool just_read, int64_t bytes) {
+  static const int64_t llc = last_level_cache_bytes();
+  return !just_read || bytes > llc;
+}
+
 // stream_outputs for a pass reading `inputs` and writing `outputs` tensors shaped like the
 // input (storage type T).
 template <class T> bool stream_for(const Geometry& g, int inputs, int outputs) {
@@ -570,14 +578,16 @@ template <class T> struct RowsDriver {
     return {B.pattern(m), B.pattern(a), B.pattern(b)};
   }
 
-  void affine(const Operands& o, const FwdPatterns& p, at::Tensor& y) const {
+  // y = act((x - mean) * a + b [+ r]); `x_read`: the statistics pass has just read x.
+  void affine(const Operands& o, const FwdPatterns& p, at::Tensor& y, bool x_read) const {
     const T* x = cptr<T>(o.x);
     const T* r = cptr<T>(o.residual);
     T* yp = mptr<T>(y);
     const bool stream = stream_for<T>(G, 1 + (r != nullptr), 1);
+    const bool prefetch_x = prefetch_inputs(x_read, G.numel() * int64_t(sizeof(T)));
     for_all_blocks([&](int64_t off, Rows rows) {
       K.rows_affine(x + off, yp + off, rows, p.mean.data(), p.a.data(), p.b.data(), r ? r + off : nullptr, o.relu,
-                    stream);
+                    stream, prefetch_x);
     });
   }
 
@@ -587,12 +597,12 @@ template <class T> struct RowsDriver {
     for (int64_t c = 0; c < B.C; ++c) finalize_stats(s[c], static_cast<Acc>(o.eps), m, v, is, c);
     ChannelStats<Acc> st{m, is, false, Acc(0)};
     Affine<Acc> af{cptr<Acc>(o.weight), cptr<Acc>(o.bias)};
-    affine(o, fwd_patterns(st, af), y);
+    affine(o, fwd_patterns(st, af), y, true);
   }
 
   void normalize(const Operands& o, at::Tensor& y) const {
     ChannelView<Acc> cv(o);
-    affine(o, fwd_patterns(cv.st, cv.af), y);
+    affine(o, fwd_patterns(cv.st, cv.af), y, false);
   }
 
   void sums(const Operands& o, const T* dy, const FwdPatterns& p, const ChannelView<Acc>& cv, Acc* sdy,
@@ -620,8 +630,9 @@ template <class T> struct RowsDriver {
     });
   }
 
+  // dx, dr over all rows; `inputs_read`: the sums pass has just read x, dy (and r under relu).
   void grad(const Operands& o, const T* dy, const FwdPatterns& p, const ChannelView<Acc>& cv, bool training,
-            const Acc* sdy, const Acc* sdx, int64_t count, T* dx, T* dr) const {
+            const Acc* sdy, const Acc* sdx, int64_t count, T* dx, T* dr, bool inputs_read) const {
     const T* x = cptr<T>(o.x);
     const T* r = cptr<T>(o.residual);
     std::vector<Acc> A(B.C), Bm(B.C), D(B.C);
@@ -634,10 +645,12 @@ template <class T> struct RowsDriver {
       centred = g.centred;
     }
     const auto pA = B.pattern(A), pB = B.pattern(Bm), pD = B.pattern(D);
-    const bool stream = stream_for<T>(G, backward_reads(r, o.relu), (dx != nullptr) + (dr != nullptr));
+    const int reads = backward_reads(r, o.relu);
+    const bool stream = stream_for<T>(G, reads, (dx != nullptr) + (dr != nullptr));
+    const bool prefetch = prefetch_inputs(inputs_read, reads * G.numel() * int64_t(sizeof(T)));
     for_all_blocks([&](int64_t off, Rows rows) {
       K.rows_grad_input(dy + off, x + off, rows, p.mean.data(), pA.data(), pB.data(), pD.data(), centred, p.a.data(),
-                        p.b.data(), r ? r + off : nullptr, o.relu, stream, dx ? dx + off : nullptr,
+                        p.b.data(), r ? r + off : nullptr, o.relu, stream, prefetch, dx ? dx + off : nullptr,
                         dr ? dr + off : nullptr);
     });
   }
@@ -652,13 +665,13 @@ template <class T> struct RowsDriver {
     if (want_sums) sums(o, dy, p, cv, sdy, sdx);
     if (dx.defined() || dr.defined())
       grad(o, dy, p, cv, training, want_sums ? sdy : nullptr, want_sums ? sdx : nullptr, o.g.count(), mptr<T>(dx),
-           mptr<T>(dr));
+           mptr<T>(dr), want_sums);
   }
 
   void grad_input(const Operands& o, const at::Tensor& dy_t, const Acc* sdy, const Acc* sdx, int64_t count,
                   at::Tensor& dx, at::Tensor& dr) const {
     ChannelView<Acc> cv(o);
-    grad(o, cptr<T>(dy_t), fwd_patterns(cv.st, cv.af), cv, true, sdy, sdx, count, mptr<T>(dx), mptr<T>(dr));
+    grad(o, cptr<T>(dy_t), fwd_patterns(cv.st, cv.af), cv, true, sdy, sdx, count, mptr<T>(dx), mptr<T>(dr), false);
   }
 };
 

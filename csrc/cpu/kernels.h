@@ -52,15 +52,18 @@ template <class T> struct Kernels {
                             T* dr);
   // stats_shift of channels [c0, c1) of rows of C values (count rows) into shift[0, c1 - c0).
   void (*rows_shifts)(const T* x, int64_t C, int64_t count, int64_t c0, int64_t c1, double* shift);
-  // scratch: 2 * L doubles + 3 * L Acc (rows_stats), 6 * L doubles (rows_grad_sums).
+  // scratch: 2 * L doubles + 3 * L Acc (rows_stats), 6 * L doubles (rows_grad_sums). The row
+  // elementwise passes also take `prefetch_x` / `prefetch`: software prefetch of their inputs
+  // (x; x, dy and r), for inputs that are not in the cache (kernels_impl.h AheadInBlock); a
+  // residual in rows_affine, never read by a reduction before it, is prefetched either way.
   void (*rows_stats)(const T* x, Rows R, const double* shift, double* mean, double* m2, double* scratch);
   void (*rows_affine)(const T* x, T* y, Rows R, const Acc* mean, const Acc* a, const Acc* b, const T* r, bool relu,
-                      bool stream);
+                      bool stream, bool prefetch_x);
   void (*rows_grad_sums)(const T* dy, const T* x, Rows R, const Acc* mean, const Acc* a, const Acc* b, const T* r,
                          bool relu, double* sum_dy, double* sum_dy_xmu, double* scratch);
   void (*rows_grad_input)(const T* dy, const T* x, Rows R, const Acc* mean, const Acc* A, const Acc* Bm,
                           const Acc* D, bool centred, const Acc* a, const Acc* b, const T* r, bool relu, bool stream,
-                          T* dx, T* dr);
+                          bool prefetch, T* dx, T* dr);
 };
 
 // Defined in isa_base.cpp / isa_avx2.cpp / isa_avx512.cpp for T = float, double, f16, bf16, and

@@ -546,6 +546,26 @@ inline void walk_rows(const Rows& R, FV&& vec, FS&& scalar) {
     for (int64_t c = 0; c < R.C; ++c) scalar(row * R.ld + c, c);
 }
 
+// The elementwise passes over rows read their inputs in memory order, but with three or four
+// coefficient loads a vector their loop keeps too few of the inputs' misses in flight for the
+// hardware prefetchers to stream at memory speed (cold float32 channels-last eval 1.1-1.4x
+// slower than with the coefficient loads removed). So for float and double, where the driver
+// says the inputs are not in the cache, each vector's loads are paired with prefetches into L2
+// of the values kPrefetchBytes further on, clamped to the block's last value (Zen 4, cold float32 eval: 4-8 KB ahead 1.13-1.49x faster than none, 1 KB
+// 0.98-1.29x, 64 KB less than 4-8 KB). Not for the 2-byte types, whose vectors cover half a
+// line: their benchmark rows came out slower with it (benchmarks/NOTES.md, seventh pass).
+// Addresses only: the results are unchanged.
+template <class T> struct AheadInBlock {
+  int64_t ahead, last;
+  explicit AheadInBlock(const Rows& R)
+      : ahead(kPrefetchBytes / static_cast<int64_t>(sizeof(T))), last(R.rows * R.ld - 1) {}
+  void operator()(const T* p, int64_t i) const {
+    if constexpr (sizeof(T) >= 4) {
+      if (p != nullptr) prefetch_l2(p + std::min(i + ahead, last));
+    }
+  }
+};
+
 // Forward coefficients at pattern position p (vectors) or of channel c (scalars). With
 // `scale` false only the mean is loaded (a backward without relu needs no a, b).
 template <class V, class Acc>
@@ -561,15 +581,18 @@ template <class Acc> inline FwdCoef<Acc> fwd_of(const Acc* mean, const Acc* a, c
 // (position q * C + c holds channel c's value).
 template <class T>
 void rows_affine(const T* x, T* y, Rows R, const acc_t<T>* mean, const acc_t<T>* a, const acc_t<T>* b, const T* r,
-                 bool relu, bool stream) {
+                 bool relu, bool stream, bool prefetch_x) {
   using Acc = acc_t<T>;
   using V = Vec<Acc>;
   with_flags(relu, r != nullptr, [&](auto relu_c, auto has_r_c) {
     constexpr bool kRelu = decltype(relu_c)::value;
     constexpr bool kHasR = decltype(has_r_c)::value;
+    const AheadInBlock<T> prefetch(R);
     walk_rows<V::W>(
         R,
         [&](int64_t i, int64_t p) {
+          if (prefetch_x) prefetch(x, i);
+          if (kHasR) prefetch(r, i);
           put(forward_value(V::load(x + i), fwd_at<V>(mean, a, b, p), load_or_zero<V>(kHasR ? r : nullptr, i), kHasR,
                             kRelu),
               y + i, stream);
@@ -636,7 +659,7 @@ void rows_grad_sums(const T* dy, const T* x, Rows R, const acc_t<T>* mean, const
           const int64_t i = base + j * ld + p;
           prefetch_l2(x + pf + j * ld + p);
           prefetch_l2(dy + pf + j * ld + p);
-          if (has_r) prefetch_l2(r + pf + j * ld + p);
+          if (has_r && relu) prefetch_l2(r + pf + j * ld + p);  // read only under relu (effective_dy)
           const V xv = V::load(x + i);
           grad_sums_add(s1, s2, effective_dy(V::load(dy + i), xv, kv, load_or_zero<V>(r, i), has_r, relu), xv,
                         kv.mean);
@@ -671,16 +694,22 @@ void rows_grad_sums(const T* dy, const T* x, Rows R, const acc_t<T>* mean, const
 template <class T>
 void rows_grad_input(const T* dy, const T* x, Rows R, const acc_t<T>* mean, const acc_t<T>* A, const acc_t<T>* Bm,
                      const acc_t<T>* D, bool centred, const acc_t<T>* a, const acc_t<T>* b, const T* r, bool relu,
-                     bool stream, T* dx, T* dr) {
+                     bool stream, bool prefetch_in, T* dx, T* dr) {
   using Acc = acc_t<T>;
   using V = Vec<Acc>;
   const bool has_r = r != nullptr;
   with_flags(relu, centred, [&](auto relu_c, auto centred_c) {
     constexpr bool kRelu = decltype(relu_c)::value;
     constexpr bool kCentred = decltype(centred_c)::value;
+    const AheadInBlock<T> prefetch(R);
     walk_rows<V::W>(
         R,
         [&](int64_t i, int64_t p) {
+          if (prefetch_in) {
+            prefetch(x, i);
+            prefetch(dy, i);
+            if (kRelu && has_r) prefetch(r, i);  // the residual is read only under relu (effective_dy)
+          }
           const V xv = V::load(x + i);
           const V d = effective_dy(V::load(dy + i), xv, fwd_at<V>(mean, a, b, p, kRelu), load_or_zero<V>(r, i), has_r,
                                    kRelu);
