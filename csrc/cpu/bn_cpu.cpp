@@ -74,6 +74,12 @@ constexpr int64_t kPlanarPrefetchBytes = 65536;  // fused per-channel paths: pre
 constexpr int64_t kStripChannels = 256;  // channels a channels-last strip (see RowBlocks)
 constexpr int64_t kStripMinRows = 128;   // rows a channels-last block, below which wide rows are cut into strips
 
+// last_level_cache_bytes, read once.
+int64_t llc_bytes() {
+  static const int64_t llc = last_level_cache_bytes();
+  return llc;
+}
+
 // Whether a pass that reads and writes `bytes` in all (an elementwise pass, or a fused
 // per-channel reduction and elementwise pass) stores its outputs non-temporally: when that
 // exceeds the last-level cache. The output's lines are then not in
@@ -83,21 +89,17 @@ constexpr int64_t kStripMinRows = 128;   // rows a channels-last block, below wh
 // plain stores never move fewer bytes to and from memory. FASTBN_CPU_STREAM=0 or 1 turns it
 // off or on for every size (read once; to measure both ways).
 bool stream_outputs(int64_t bytes) {
-  static const int64_t llc = last_level_cache_bytes();
   static const int forced = [] {
     const char* env = std::getenv("FASTBN_CPU_STREAM");
     return env == nullptr ? -1 : (std::strcmp(env, "0") == 0 ? 0 : 1);
   }();
-  return forced >= 0 ? forced == 1 : bytes > llc;
+  return forced >= 0 ? forced == 1 : bytes > llc_bytes();
 }
 
 // Whether a channels-last elementwise pass prefetches inputs of `bytes` in all: unless a
 // reduction pass has just read them (`just_read`) and they fit in the last-level cache, where
 // that pass left them (kernels_impl.h AheadInBlock; measured slower there).
-bool prefetch_inputs(bool just_read, int64_t bytes) {
-  static const int64_t llc = last_level_cache_bytes();
-  return !just_read || bytes > llc;
-}
+bool prefetch_inputs(bool just_read, int64_t bytes) { return !just_read || bytes > llc_bytes(); }
 
 // stream_outputs for a pass reading `inputs` and writing `outputs` tensors shaped like the
 // input (storage type T).

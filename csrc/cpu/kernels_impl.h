@@ -218,11 +218,19 @@ template <class F> inline void with_flags(bool a, bool b, F&& f) {
 
 template <class T> inline void prefetch_l2(const T* p) { __builtin_prefetch(p, 0, 2); }
 
+// The elementwise passes' input prefetch: p + ahead into L2, clamped to `last` (the last value
+// the pass may touch). Float and double only: for the 2-byte types, whose vectors cover half a
+// line, the benchmark rows came out slower with it (benchmarks/NOTES.md, seventh pass).
+// Addresses only: the results are unchanged.
+template <class T> inline void prefetch_input(const T* p, int64_t ahead, const T* last) {
+  if constexpr (sizeof(T) >= 4) prefetch_l2(std::min(p + ahead, last));
+}
+
 // The planar elementwise pass over whole planes (planes_affine: eval and normalize, which read
-// cold input) pairs each vector's load with a prefetch into L2 of the input kPlaneAheadBytes
-// further on, clamped to the last value of the call's planes (Zen 4, cold eval, in one process
-// against none: 2 KB 1.02-1.18x faster, 1 KB 1.03-1.09x, 8 KB and more 0.89-1.08x), for float
-// and double under plain stores (planes_affine says why). Addresses only.
+// cold input) prefetches its input kPlaneAheadBytes ahead (prefetch_input), clamped to the last
+// value of the call's planes (Zen 4, cold eval, in one process against none: 2 KB 1.02-1.18x
+// faster, 1 KB 1.03-1.09x, 8 KB and more 0.89-1.08x), under plain stores only (planes_affine
+// says why).
 constexpr int64_t kPlaneAheadBytes = 2048;
 
 // y = act((x - mean) * a + b [+ r]), one channel. y and r are laid out like x. `stream`:
@@ -231,8 +239,8 @@ constexpr int64_t kPlaneAheadBytes = 2048;
 // (kPlaneAheadBytes ahead), or null for no prefetch. Always inlined: planes_affine calls it for
 // every plane, and a call per 7x7 plane costs as much as the plane's arithmetic.
 template <class T>
-inline __attribute__((always_inline)) void affine_values(const T* x, T* y, Run run, FwdCoef<acc_t<T>> k, const T* r, bool relu, bool stream,
-                   const T* x_last = nullptr) {
+inline __attribute__((always_inline)) void affine_values(const T* x, T* y, Run run, FwdCoef<acc_t<T>> k, const T* r,
+                                                        bool relu, bool stream, const T* x_last = nullptr) {
   using Acc = acc_t<T>;
   using V = Vec<Acc>;
   constexpr int W = V::W;
@@ -247,14 +255,14 @@ inline __attribute__((always_inline)) void affine_values(const T* x, T* y, Run r
     int64_t i = 0;
     if (rs == nullptr && !relu && x_last != nullptr) {  // the common case of a cold pass
       for (; i + W <= len; i += W) {
-        prefetch_l2(std::min(xs + i + kAhead, x_last));
+        prefetch_input(xs + i, kAhead, x_last);
         put(forward_value(V::load(xs + i), kv, V::zero(), false, false), ys + i, stream);
       }
     } else if (rs == nullptr && !relu) {  // the common case, without the per-vector flag tests
       for (; i + W <= len; i += W) put(forward_value(V::load(xs + i), kv, V::zero(), false, false), ys + i, stream);
     } else {
       for (; i + W <= len; i += W) {
-        if (x_last != nullptr) prefetch_l2(std::min(xs + i + kAhead, x_last));
+        if (x_last != nullptr) prefetch_input(xs + i, kAhead, x_last);
         put(forward_value(V::load(xs + i), kv, load_or_zero<V>(rs, i), rs != nullptr, relu), ys + i, stream);
       }
     }
@@ -391,9 +399,9 @@ void run_grad_input(const T* dy, const T* x, const Run& run, BwdCoef<acc_t<T>> g
 template <class T>
 void planes_affine(const T* x, T* y, int64_t planes, int64_t S, int64_t c0, int64_t C, const FwdCoef<acc_t<T>>* k,
                    const T* r, bool relu, bool stream) {
-  // Prefetch (kPlaneAheadBytes) for float and double under plain stores only: with
-  // non-temporal stores, and for the 2-byte types, the benchmark's eval rows came out slower.
-  const T* x_last = sizeof(T) >= 4 && !stream ? x + planes * S - 1 : nullptr;
+  // Prefetch (kPlaneAheadBytes) under plain stores only: with non-temporal stores the
+  // benchmark's eval rows came out slower.
+  const T* x_last = stream ? nullptr : x + planes * S - 1;
   for (int64_t j = 0, c = c0; j < planes; ++j, c = c + 1 == C ? 0 : c + 1) {
     const int64_t o = j * S;
     affine_values(x + o, y + o, Run{1, S, 0}, k[c], r ? r + o : nullptr, relu, stream, x_last);
@@ -571,20 +579,16 @@ inline void walk_rows(const Rows& R, FV&& vec, FS&& scalar) {
 // The elementwise passes over rows read their inputs in memory order, but with three or four
 // coefficient loads a vector their loop keeps too few of the inputs' misses in flight for the
 // hardware prefetchers to stream at memory speed (cold float32 channels-last eval 1.1-1.4x
-// slower than with the coefficient loads removed). So for float and double, where the driver
-// says the inputs are not in the cache, each vector's loads are paired with prefetches into L2
-// of the values kPrefetchBytes further on, clamped to the block's last value (Zen 4, cold float32 eval: 4-8 KB ahead 1.13-1.49x faster than none, 1 KB
-// 0.98-1.29x, 64 KB less than 4-8 KB). Not for the 2-byte types, whose vectors cover half a
-// line: their benchmark rows came out slower with it (benchmarks/NOTES.md, seventh pass).
-// Addresses only: the results are unchanged.
+// slower than with the coefficient loads removed). So where the driver says the inputs are
+// not in the cache, each vector's loads are paired with prefetch_input of the values
+// kPrefetchBytes further on, clamped to the block's last value (Zen 4, cold float32 eval: 4-8 KB
+// ahead 1.13-1.49x faster than none, 1 KB 0.98-1.29x, 64 KB less than 4-8 KB).
 template <class T> struct AheadInBlock {
   int64_t ahead, last;
   explicit AheadInBlock(const Rows& R)
       : ahead(kPrefetchBytes / static_cast<int64_t>(sizeof(T))), last(R.rows * R.ld - 1) {}
   void operator()(const T* p, int64_t i) const {
-    if constexpr (sizeof(T) >= 4) {
-      if (p != nullptr) prefetch_l2(p + std::min(i + ahead, last));
-    }
+    if (p != nullptr) prefetch_input(p + i, ahead, p + last);
   }
 };
 

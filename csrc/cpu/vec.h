@@ -9,9 +9,10 @@
 // stream(p) stores the same non-temporally (p aligned to W values; a plain store in the
 // baseline unit); load_part / store_part do the same as load / store for the first n < W values
 // (vector tails). With FASTBN_CPU_AVX512_BF16 (the AVX-512 unit built with AVX512_BF16) the
-// float -> bfloat16 rounding is one instruction where that gives the same bits. The free functions madd (fused in the AVX2 and AVX-512 units), where_finite,
-// relu_value and where_positive are bn_math.h's scalar ones lane by lane, so bn_math.h's
-// formulas take a Vec as their value type.
+// float -> bfloat16 rounding is one instruction where that gives the same bits. The free
+// functions madd (fused in the AVX2 and AVX-512 units), where_finite, relu_value and
+// where_positive are bn_math.h's scalar ones lane by lane, so bn_math.h's formulas take a Vec
+// as their value type.
 #pragma once
 
 template <class Acc> struct Vec;
