@@ -21,6 +21,7 @@
 #include <cstring>
 #include <fstream>
 #include <initializer_list>
+#include <memory>
 #include <numeric>
 #include <string>
 #include <vector>
@@ -70,6 +71,7 @@ constexpr int64_t kBlockValues = 65536;  // values per channels-last row block, 
 constexpr int64_t kMinBlocks = 16;       // channels-last blocks, at least (when there are rows enough)
 constexpr int64_t kMaxLaneTerms = 1024;  // periods (values a vector lane sees) per row block, at most
 constexpr int64_t kTaskValues = 32768;   // values per parallel task, at least
+constexpr int64_t kFoldTaskValues = 4096;  // partials per task of a channels-last fold, at least
 constexpr int64_t kPlanarPrefetchBytes = 65536;  // fused per-channel paths: prefetch distance, at most
 constexpr int64_t kStripChannels = 256;  // channels a channels-last strip (see RowBlocks)
 constexpr int64_t kStripMinRows = 128;   // rows a channels-last block, below which wide rows are cut into strips
@@ -515,8 +517,9 @@ template <class T> struct RowsDriver {
   RowBlocks B;
   explicit RowsDriver(const Geometry& g) : G(g), B(g, kernels<T>().lanes) {}
 
-  // Channels per task when folding the block partials: threads only for large folds.
-  int64_t fold_grain() const { return std::max<int64_t>(256, 4 * kTaskValues / std::max<int64_t>(B.count, 1)); }
+  // Channels per task when folding the block partials (B.count values a channel): threads
+  // only where each task folds at least kFoldTaskValues of them.
+  int64_t fold_grain() const { return std::max<int64_t>(64, kFoldTaskValues / std::max<int64_t>(B.count, 1)); }
 
   // f(t, rows, scratch) for every task t (B.tasks()); rows: its block.
   template <class F> void for_all_tasks(F&& f) const {
@@ -541,19 +544,27 @@ template <class T> struct RowsDriver {
     std::vector<Fold> shift(C);
     at::parallel_for(0, C, 1024, [&](int64_t c0, int64_t c1) { K.rows_shifts(x, C, B.M, c0, c1, shift.data() + c0); });
     const std::vector<Fold> shift_pattern = B.pattern(shift);
-    std::vector<Fold> pm(B.count * C), pm2(B.count * C);
+    // [count, C] block partials; the tasks write every element.
+    const auto pm = std::make_unique_for_overwrite<Fold[]>(B.count * C);
+    const auto pm2 = std::make_unique_for_overwrite<Fold[]>(B.count * C);
     for_all_tasks([&](int64_t t, Rows rows, Fold* scratch) {
       const int64_t c0 = B.first_channel(t);
       K.rows_stats(x + B.offset(t), rows, shift_pattern.data() + c0, &pm[B.partial(t)], &pm2[B.partial(t)], scratch);
     });
     // Chan merge of the blocks in block order; all channels of a block share its count, so
-    // the merge weights are computed once per block.
+    // the merge weights are computed once per block. chan_absorb without the non-finite
+    // fallbacks, so the loop vectorises: a non-finite partial still leaves the channel
+    // non-finite, and check_finite recomputes it; finite results are the same bits.
     at::parallel_for(0, C, fold_grain(), [&](int64_t c0, int64_t c1) {
+      Fold* __restrict m = pm.get();
+      Fold* __restrict m2 = pm2.get();
       int64_t n = B.rows_of(0).rows;
       for (int64_t b = 1; b < B.count; ++b) {
         const int64_t nb = B.rows_of(b * B.strips).rows;
         const ChanWeights<Fold> w = chan_weights<Fold>(n, nb);
-        for (int64_t c = c0; c < c1; ++c) chan_absorb(pm[c], pm2[c], pm[b * C + c], pm2[b * C + c], w);
+        const Fold* __restrict bm = m + b * C;
+        const Fold* __restrict bm2 = m2 + b * C;
+        for (int64_t c = c0; c < c1; ++c) chan_absorb<false>(m[c], m2[c], bm[c], bm2[c], w);
         n += nb;
       }
     });
@@ -612,14 +623,16 @@ template <class T> struct RowsDriver {
     const T* x = cptr<T>(o.x);
     const T* r = cptr<T>(o.residual);
     const int64_t C = B.C;
-    std::vector<Fold> p1(B.count * C), p2(B.count * C);
+    // [count, C] block partials; the tasks write every element.
+    const auto p1 = std::make_unique_for_overwrite<Fold[]>(B.count * C);
+    const auto p2 = std::make_unique_for_overwrite<Fold[]>(B.count * C);
     for_all_tasks([&](int64_t t, Rows rows, Fold* scratch) {
       const int64_t off = B.offset(t), c0 = B.first_channel(t);
       K.rows_grad_sums(dy + off, x + off, rows, p.mean.data() + c0, p.a.data() + c0, p.b.data() + c0,
                        r ? r + off : nullptr, o.relu, &p1[B.partial(t)], &p2[B.partial(t)], scratch);
     });
     at::parallel_for(0, C, fold_grain(), [&](int64_t c0, int64_t c1) {
-      std::vector<Fold> a(p1.begin() + c0, p1.begin() + c1), s(p2.begin() + c0, p2.begin() + c1);
+      std::vector<Fold> a(p1.get() + c0, p1.get() + c1), s(p2.get() + c0, p2.get() + c1);
       for (int64_t b = 1; b < B.count; ++b) {
         const Fold* q1 = &p1[b * C];
         const Fold* q2 = &p2[b * C];
