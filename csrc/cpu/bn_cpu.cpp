@@ -544,9 +544,9 @@ template <class T> struct RowsDriver {
     std::vector<Fold> shift(C);
     at::parallel_for(0, C, 1024, [&](int64_t c0, int64_t c1) { K.rows_shifts(x, C, B.M, c0, c1, shift.data() + c0); });
     const std::vector<Fold> shift_pattern = B.pattern(shift);
-    // [count, C] block partials; the tasks write every element.
-    const auto pm = std::make_unique_for_overwrite<Fold[]>(B.count * C);
-    const auto pm2 = std::make_unique_for_overwrite<Fold[]>(B.count * C);
+    // [count, C] block partials, not zero-filled: the tasks write every element.
+    const std::unique_ptr<Fold[]> pm(new Fold[B.count * C]);
+    const std::unique_ptr<Fold[]> pm2(new Fold[B.count * C]);
     for_all_tasks([&](int64_t t, Rows rows, Fold* scratch) {
       const int64_t c0 = B.first_channel(t);
       K.rows_stats(x + B.offset(t), rows, shift_pattern.data() + c0, &pm[B.partial(t)], &pm2[B.partial(t)], scratch);
@@ -623,9 +623,9 @@ template <class T> struct RowsDriver {
     const T* x = cptr<T>(o.x);
     const T* r = cptr<T>(o.residual);
     const int64_t C = B.C;
-    // [count, C] block partials; the tasks write every element.
-    const auto p1 = std::make_unique_for_overwrite<Fold[]>(B.count * C);
-    const auto p2 = std::make_unique_for_overwrite<Fold[]>(B.count * C);
+    // [count, C] block partials, not zero-filled: the tasks write every element.
+    const std::unique_ptr<Fold[]> p1(new Fold[B.count * C]);
+    const std::unique_ptr<Fold[]> p2(new Fold[B.count * C]);
     for_all_tasks([&](int64_t t, Rows rows, Fold* scratch) {
       const int64_t off = B.offset(t), c0 = B.first_channel(t);
       K.rows_grad_sums(dy + off, x + off, rows, p.mean.data() + c0, p.a.data() + c0, p.b.data() + c0,
