@@ -275,6 +275,23 @@ def test_non_temporal_stores_same_bits(tmp_path):
             assert torch.equal(a, b), key
 
 
+def test_reversed_block_order_same_bits(tmp_path):
+    """The channels-last elementwise passes visit their blocks last-read first after a reduction
+    over inputs larger than half the last-level cache (FASTBN_CPU_REVERSE=1 forces that order
+    for every size and pass, 0 the memory order): every block is written, with the same bits,
+    in either order (outputs of both orders from fresh allocations, so a skipped block shows)."""
+    results = {}
+    for mode in ("0", "1"):
+        path = tmp_path / f"reverse{mode}.pt"
+        env = dict(os.environ, FASTBN_CPU_REVERSE=mode)
+        subprocess.run([sys.executable, "-c", _STREAM_SCRIPT, str(path)], check=True, env=env, timeout=300)
+        results[mode] = torch.load(path)
+    assert results["0"].keys() == results["1"].keys() and len(results["0"]) == 28
+    for key, plain in results["0"].items():
+        for a, b in zip(plain, results["1"][key]):
+            assert torch.equal(a, b), key
+
+
 def test_cpu_cache_bytes_is_the_last_level_cache():
     """The cache size the non-temporal stores are sized by is the highest-level data cache
     Linux lists for CPU 0 (glibc's sysconf can report ten times the L3 in a VM), else positive."""
