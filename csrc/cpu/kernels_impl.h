@@ -59,7 +59,7 @@ template <class Acc> struct LaneWelford {
   }
   // The first chunk of a block: s is its mean. Both chunk functions are always inlined: they
   // are the body of rows_stats' position loop, and out of line they cost a call a position
-  // (measured 1.6-1.8x slower statistics).
+  // (measured 1.6-1.9x slower statistics).
   template <int K>
   static inline __attribute__((always_inline)) void chunk_starts_block(V& s, V& bmean, V& bm2, const V* v) {
     V cmean, cm2, r;
