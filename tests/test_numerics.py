@@ -256,6 +256,21 @@ torch.save(out, __import__("sys").argv[1])
 """
 
 
+def _stream_script_same_bits_both_ways(tmp_path, switch):
+    """Runs _STREAM_SCRIPT with the environment switch `switch` at "0" and at "1" (each in a
+    fresh process, so outputs come from fresh allocations) and asserts bitwise equal results."""
+    results = {}
+    for mode in ("0", "1"):
+        path = tmp_path / f"{switch}{mode}.pt"
+        subprocess.run([sys.executable, "-c", _STREAM_SCRIPT, str(path)], check=True,
+                       env=dict(os.environ, **{switch: mode}), timeout=300)
+        results[mode] = torch.load(path)
+    assert results["0"].keys() == results["1"].keys() and len(results["0"]) == 28
+    for key, plain in results["0"].items():
+        for a, b in zip(plain, results["1"][key]):
+            assert torch.equal(a, b), key
+
+
 def test_non_temporal_stores_same_bits(tmp_path):
     """The non-temporal stores of the elementwise passes and of the fused per-channel planar
     passes (FASTBN_CPU_STREAM=1 forces them for every size; by default only passes whose inputs
@@ -263,33 +278,15 @@ def test_non_temporal_stores_same_bits(tmp_path):
     stores write: eval and training outputs, input and residual gradients, with and without
     the fused relu and residual; planes of one run and of several (48x48), and planes not a
     whole number of cache lines (7x7, which never stream)."""
-    results = {}
-    for mode in ("0", "1"):
-        path = tmp_path / f"stream{mode}.pt"
-        env = dict(os.environ, FASTBN_CPU_STREAM=mode)
-        subprocess.run([sys.executable, "-c", _STREAM_SCRIPT, str(path)], check=True, env=env, timeout=300)
-        results[mode] = torch.load(path)
-    assert results["0"].keys() == results["1"].keys() and len(results["0"]) == 28
-    for key, plain in results["0"].items():
-        for a, b in zip(plain, results["1"][key]):
-            assert torch.equal(a, b), key
+    _stream_script_same_bits_both_ways(tmp_path, "FASTBN_CPU_STREAM")
 
 
 def test_reversed_block_order_same_bits(tmp_path):
     """The channels-last elementwise passes visit their blocks last-read first after a reduction
     over inputs larger than half the last-level cache (FASTBN_CPU_REVERSE=1 forces that order
     for every size and pass, 0 the memory order): every block is written, with the same bits,
-    in either order (outputs of both orders from fresh allocations, so a skipped block shows)."""
-    results = {}
-    for mode in ("0", "1"):
-        path = tmp_path / f"reverse{mode}.pt"
-        env = dict(os.environ, FASTBN_CPU_REVERSE=mode)
-        subprocess.run([sys.executable, "-c", _STREAM_SCRIPT, str(path)], check=True, env=env, timeout=300)
-        results[mode] = torch.load(path)
-    assert results["0"].keys() == results["1"].keys() and len(results["0"]) == 28
-    for key, plain in results["0"].items():
-        for a, b in zip(plain, results["1"][key]):
-            assert torch.equal(a, b), key
+    in either order (a skipped block shows: outputs come from fresh allocations)."""
+    _stream_script_same_bits_both_ways(tmp_path, "FASTBN_CPU_REVERSE")
 
 
 def test_cpu_cache_bytes_is_the_last_level_cache():
