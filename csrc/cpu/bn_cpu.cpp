@@ -655,17 +655,19 @@ template <class T> struct RowsDriver {
       K.rows_grad_sums(dy + off, x + off, rows, p.mean.data() + c0, p.a.data() + c0, p.b.data() + c0,
                        r ? r + off : nullptr, o.relu, &p1[B.partial(t)], &p2[B.partial(t)], scratch);
     });
+    // Sums of the blocks in block order, into block 0's row (as the statistics' fold).
     at::parallel_for(0, C, fold_grain(), [&](int64_t c0, int64_t c1) {
-      std::vector<Fold> a(p1.get() + c0, p1.get() + c1), s(p2.get() + c0, p2.get() + c1);
+      Fold* __restrict a = p1.get();
+      Fold* __restrict s = p2.get();
       for (int64_t b = 1; b < B.count; ++b) {
-        const Fold* q1 = &p1[b * C];
-        const Fold* q2 = &p2[b * C];
+        const Fold* __restrict q1 = a + b * C;
+        const Fold* __restrict q2 = s + b * C;
         for (int64_t c = c0; c < c1; ++c) {
-          a[c - c0] += q1[c];
-          s[c - c0] += q2[c];
+          a[c] += q1[c];
+          s[c] += q2[c];
         }
       }
-      for (int64_t c = c0; c < c1; ++c) finalize_grad_sums(a[c - c0], s[c - c0], cv.st, c, sdy, sdx);
+      for (int64_t c = c0; c < c1; ++c) finalize_grad_sums(a[c], s[c], cv.st, c, sdy, sdx);
     });
   }
 
